@@ -1,0 +1,324 @@
+"""The one typed config tree: YAML in, `--set a.b=value` overrides, key paths in every error."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- feature spec
+class _FeatureBase(_Strict):
+    name: str = Field(min_length=1)
+    source: str | None = None  # read from this column instead of `name`
+    regex: str | None = None  # keep the first capture group of `source` (derived features)
+
+    @property
+    def column(self) -> str:
+        return self.source or self.name
+
+
+class CategoricalFeature(_FeatureBase):
+    type: Literal["categorical"]
+    min_count: int = Field(default=1, ge=1)
+    max_vocab: int | None = Field(default=None, ge=1)
+    hash_buckets: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _hash_xor_vocab(self) -> CategoricalFeature:
+        if self.hash_buckets is not None and (self.max_vocab is not None or self.min_count != 1):
+            raise ValueError("hash_buckets cannot be combined with min_count or max_vocab")
+        return self
+
+
+class NumericFeature(_FeatureBase):
+    type: Literal["numeric"]
+    transform: Literal["none", "log1p"] = "none"
+    fill: float | None = None  # value for nulls before the transform; None = the fitted mean
+
+
+class MultiHotFeature(_FeatureBase):
+    type: Literal["multi_hot"]
+    sep: str | None = None  # None: the column is a list; else split the string on `sep`
+    max_len: int = Field(default=8, ge=1)
+    min_count: int = Field(default=1, ge=1)
+    max_vocab: int | None = Field(default=None, ge=1)
+
+
+Feature = Annotated[Union[CategoricalFeature, NumericFeature, MultiHotFeature], Field(discriminator="type")]
+
+
+class FeaturesConfig(_Strict):
+    label: str
+    label_threshold: float | None = None  # label = column >= threshold (e.g. rating >= 4)
+    group: str | None = None
+    time: str | None = None
+    oracle: str | None = None  # true-probability column of synthetic data: reported as bayes_auc, never a feature
+    features: list[Feature] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> FeaturesConfig:
+        names = [f.name for f in self.features]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate feature names: {dup}")
+        if self.label in names:
+            raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        return self
+
+
+# ---------------------------------------------------------------- data
+class JoinConfig(_Strict):
+    path: str
+    on: str
+    columns: list[str] | None = None
+
+
+class SplitConfig(_Strict):
+    kind: Literal["random", "time", "given"] = "random"
+    valid_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    seed: int = 0
+
+
+class GenerateConfig(_Strict):
+    rows: int = Field(ge=1000)
+    seed: int = 0
+    shards: int = Field(default=8, ge=1)
+
+
+class S3Config(_Strict):
+    endpoint_url: str | None = None  # default: AWS_ENDPOINT_URL
+    region: str | None = None  # default: AWS_REGION / AWS_DEFAULT_REGION
+
+
+class DataConfig(_Strict):
+    source: str | None = None  # file, directory or glob; local or s3://
+    train: str | None = None  # for split.kind == given
+    valid: str | None = None
+    test: str | None = None
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    joins: list[JoinConfig] = Field(default_factory=list)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    generate: GenerateConfig | None = None  # make `source` with the synthetic generator if missing
+    s3: S3Config = Field(default_factory=S3Config)
+    batch_size: int = Field(default=8192, ge=1)
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        given = [self.train, self.valid, self.test]
+        if self.split.kind == "given":
+            if not all(given):
+                raise ValueError("split.kind 'given' needs data.train, data.valid and data.test")
+        elif not self.source:
+            raise ValueError("data.source is required unless split.kind is 'given'")
+        return self
+
+
+# ---------------------------------------------------------------- model / train / tune / serve
+class ModelConfig(_Strict):
+    name: Literal["dcnv2", "dlrm", "deepfm", "wide_deep", "logreg"] = "dcnv2"
+    embedding_dim: int = Field(default=16, ge=1)
+    mlp: list[int] = Field(default_factory=lambda: [256, 128])
+    cross_layers: int = Field(default=3, ge=0)
+    cross_rank: int | None = Field(default=None, ge=1)  # low-rank cross (DCN-Mix style) when set
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    use_gpu: Literal["auto", "true", "false"] | bool = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    optimizer: Literal["adam", "adagrad", "sparse_adam"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    embedding_l2: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=4096, ge=1)
+    epochs: int = Field(default=5, ge=1)
+    patience: int = Field(default=2, ge=1)
+    grad_clip: float | None = Field(default=10.0, gt=0)
+    max_failures: int = Field(default=0, ge=-1)
+    storage_path: str = "runs/checkpoints"
+    seed: int = 0
+    log_every: int = Field(default=100, ge=1)
+
+
+class TuneConfig(_Strict):
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=2, ge=2)
+    seed: int = 0
+    export_path: str = "runs/winner"
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=64, ge=-1)
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    max_candidates: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    api_key_env: str | None = None
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # default: RAY_ADDRESS, else a local Ray started on the fly
+    num_cpus: int | None = Field(default=None, ge=1)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    include_dashboard: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = Field(default="rankray", pattern=r"^[A-Za-z0-9_.-]+$")
+    dir: str = "runs"  # local path or s3://
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig
+    features: FeaturesConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.dir.rstrip('/')}/{self.run.name}"
+
+
+# ---------------------------------------------------------------- loading
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {path or '(top level)'}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict) else ""))
+    return f"invalid config {origin}:\n" + "\n".join(lines)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so keys like `on:` (a join key) stay strings."""
+
+
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: 3, 0.1, true, [64, 32], dcnv2."""
+    return parse_yaml(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a raw config dict (list items by index: features.0.name=x)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.003")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {where} is not an index of the list")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+                if node is None:
+                    node = {}
+            else:
+                raise ConfigError(f"--set {key}: {where} is not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {key}: {last} is not an index of the list")
+            node[int(last)] = _parse_value(text)
+        elif isinstance(node, dict):
+            node[last] = _parse_value(text)
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> Config:
+    """Load and validate a config; raises ConfigError naming every bad key path."""
+    origin = str(path) if path else "(dict)"
+    if raw is None:
+        if path is None:
+            raise ConfigError("no config given: pass --config FILE")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = parse_yaml(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {origin} must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(json.loads(json.dumps(raw)), list(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of `cfg` with dotted-path overrides applied, validated again (used by Tune)."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "(overrides)")) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written next to every output)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def env_or(value: str | None, *names: str) -> str | None:
+    if value:
+        return value
+    for n in names:
+        if os.environ.get(n):
+            return os.environ[n]
+    return None

@@ -1,0 +1,73 @@
+"""Config: YAML + --set, unknown keys / wrong types / missing fields fail naming the key path."""
+import pytest
+
+from raycluster.cli import main
+from raycluster.config import ConfigError, config_with, dump_config, load_config, parse_yaml
+
+from .conftest import SMALL_FEATURES
+
+BASE = {"data": {"source": "x.parquet"}, "features": SMALL_FEATURES}
+
+
+def _raw(**sections):
+    import copy
+
+    raw = copy.deepcopy(BASE)
+    raw.update(sections)
+    return raw
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(raw=_raw(), overrides=["train.lr=0.003", "model.mlp=[64, 32]", "features.features.0.min_count=3"])
+    assert cfg.train.lr == 0.003 and cfg.model.mlp == [64, 32]
+    assert cfg.features.features[0].min_count == 3
+    assert cfg.model.name == "dcnv2" and cfg.serve.host == "127.0.0.1"
+    again = load_config(raw=parse_yaml(dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("raw, overrides, needle", [
+    (_raw(train={"lr": 0.1, "lrr": 1}), [], "train.lrr: unknown key"),
+    (_raw(train={"epochs": "many"}), [], "train.epochs"),
+    (_raw(), ["train.batch_size=0"], "train.batch_size"),
+    (_raw(), ["model.name=transformer"], "model.name"),
+    ({"features": SMALL_FEATURES}, [], "data: required key is missing"),
+    (_raw(features={"features": SMALL_FEATURES["features"]}), [], "features.label: required key is missing"),
+    (_raw(features={**SMALL_FEATURES, "features": [{"name": "x", "type": "embedding"}]}), [], "features.features.0"),
+    (_raw(features={**SMALL_FEATURES, "features": [{"name": "x", "type": "numeric", "transform": "sqrt"}]}), [],
+     "features.features.0.numeric.transform"),
+    (_raw(features={**SMALL_FEATURES, "features": [{"name": "x", "type": "categorical", "hash_buckets": 8, "max_vocab": 4}]}),
+     [], "hash_buckets cannot be combined"),
+    (_raw(), ["nosuch.key=1"], "nosuch: unknown key"),
+    (_raw(), ["train.lr"], "expected KEY=VALUE"),
+    (_raw(data={"source": None, "split": {"kind": "random"}}), [], "data.source is required"),
+])
+def test_errors_name_the_key(raw, overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=raw, overrides=overrides)
+    assert needle in str(e.value)
+
+
+def test_yaml_on_key_stays_a_string(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  source: r.csv\n  joins: [{path: m.csv, on: movieId}]\n"
+                 "features: {label: y, features: [{name: a, type: categorical}]}\n")
+    assert load_config(p).data.joins[0].on == "movieId"
+
+
+def test_config_with_revalidates():
+    cfg = load_config(raw=_raw())
+    assert config_with(cfg, {"train.lr": 0.01}).train.lr == 0.01
+    with pytest.raises(ConfigError, match="train.lr"):
+        config_with(cfg, {"train.lr": -1})
+
+
+def test_cli_bad_config_fails_before_any_work(tmp_path, capsys):
+    import ray
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: {source: x.parquet}\nfeatures: {label: y, features: [{name: a, type: categorical}]}\n"
+                 "train: {epocs: 3}\n")
+    assert main(["prepare", "--config", str(p)]) == 2
+    assert "train.epocs: unknown key" in capsys.readouterr().err
+    assert not ray.is_initialized()
