@@ -20,6 +20,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/rankray prepare --config configs/demo.yaml
+	$(VENV)/bin/rankray train --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

@@ -37,20 +37,6 @@ def _save_config(cfg: Config, where: str) -> None:
     storage.write_text(storage.join(where, "config.yaml"), dump_config(cfg), s3_options(cfg))
 
 
-def ensure_data(cfg: Config) -> None:
-    """Generate the configured synthetic dataset when `data.generate` is set and the source is missing."""
-    from training import storage, synth
-    from training.data import s3_options
-
-    g = cfg.data.generate
-    if g is None or storage.exists(cfg.data.source, s3_options(cfg)):
-        return
-    print(f"== generating {g.rows:,} synthetic rows into {cfg.data.source}", flush=True)
-    info = synth.generate(g.rows, cfg.data.source, seed=g.seed, shards=g.shards, s3=s3_options(cfg))
-    print(f"   {info['rows']:,} rows in {info['seconds']:.1f} s, base rate {info['base_rate']:.4f}, "
-          f"Bayes AUC (test) {info['bayes_auc_test']:.4f}", flush=True)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from raycluster.rayinit import ensure_ray
     from training import synth
@@ -64,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from raycluster.rayinit import ensure_ray
     from training.data import split_dataset
-    from training.prepare import compute_stats, format_profile, profile
+    from training.prepare import compute_stats, ensure_data, format_profile, profile
 
     cfg = _config(args)
     ensure_ray(cfg, job_name=f"{cfg.run.name}-profile")
@@ -76,17 +62,58 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from raycluster.rayinit import ensure_ray
-    from training.prepare import format_profile, prepare
+    from training.prepare import ensure_prepared, format_profile
 
     cfg = _config(args)
     ensure_ray(cfg, job_name=f"{cfg.run.name}-prepare")
-    ensure_data(cfg)
     t = time.time()
-    res = prepare(cfg)
+    res = ensure_prepared(cfg, force=True)
     _save_config(cfg, res["dir"])
     print(format_profile(res["profile"]))
     print(f"\nfit {res['fit_seconds']:.1f} s, encode {res['encode_seconds']:.1f} s "
           f"(total {time.time() - t:.1f} s); encoded shards in {res['encoded']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raycluster.rayinit import ensure_ray
+    from training.trainer import train
+
+    cfg = _config(args)
+    ensure_ray(cfg, job_name=f"{cfg.run.name}-train")
+    _save_config(cfg, cfg.run_dir)
+    res = train(cfg, bundle_path=args.out)
+    m = res.metrics
+    print(f"\ntrained {cfg.model.name} in {res.seconds:.0f} s: epochs {m['epochs_run']} "
+          f"(best {m['best_epoch']}), valid AUC {m['best_valid_auc']:.4f}, test AUC {m['test_auc']:.4f}, "
+          f"test logloss {m['test_logloss']:.4f}"
+          + (f", Bayes ratio {m['test_bayes_ratio']:.3f}" if "test_bayes_ratio" in m else ""))
+    print(f"bundle: {res.bundle}\nreport: {res.bundle}/report.html")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from raycluster.config import config_with
+    from raycluster.rayinit import ensure_ray
+    from training.bundle import load_bundle
+    from training.evaluate import evaluate_model, write_evaluation
+
+    pp, model, meta = load_bundle(args.model)
+    cfg = meta["config"]
+    if args.data and args.data.endswith((".yaml", ".yml")):
+        other = load_config(args.data)
+        cfg = config_with(cfg, {"data": other.data.model_dump(mode="json")})
+    elif args.data:  # a path: score all of it
+        cfg = config_with(cfg, {"data": {**cfg.data.model_dump(mode="json"), "source": args.data,
+                                         "split": {"kind": "given"}, "train": args.data, "valid": args.data,
+                                         "test": args.data, "generate": None}})
+    ensure_ray(cfg, job_name=f"{cfg.run.name}-evaluate")
+    ev = evaluate_model(cfg, pp, model, args.split, history=meta["metrics"].get("history"),
+                        meta={"bundle": args.model, "version": meta["version"], "model": cfg.model.name})
+    out = args.out or f"{cfg.run_dir}/evaluation"
+    write_evaluation(out, ev, cfg)
+    print(json.dumps(ev["metrics"], indent=2))
+    print(f"report: {out}/report.html")
     return 0
 
 
@@ -110,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
     with_config("profile", cmd_profile, "print a data profile computed with Ray Data")
     with_config("prepare", cmd_prepare, "validate, split, fit the preprocessor and encode the data")
+    tr = with_config("train", cmd_train, "train one model on Ray Train and write its bundle")
+    tr.add_argument("--out", default=None, help="bundle path (default: RUN_DIR/model)")
+    ev = sub.add_parser("evaluate", help="score a split with a bundle; write report.html + metrics.json")
+    ev.add_argument("--model", required=True, help="bundle directory (local or s3://)")
+    ev.add_argument("--data", default=None, help="a config YAML (its data section) or a data path (scored whole)")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/evaluation)")
+    ev.set_defaults(fn=cmd_evaluate)
     return p
 
 

@@ -140,15 +140,17 @@ class ModelConfig(_Strict):
 class TrainConfig(_Strict):
     num_workers: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)  # default: ceil(cpus_per_worker)
+    data_cpus: float = Field(default=1.0, ge=0)  # CPUs left free for Ray Data while training
     use_gpu: Literal["auto", "true", "false"] | bool = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     optimizer: Literal["adam", "adagrad", "sparse_adam"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=5e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    embedding_l2: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=4096, ge=1)
+    batch_size: int = Field(default=2048, ge=1)
     epochs: int = Field(default=5, ge=1)
-    patience: int = Field(default=2, ge=1)
+    evals_per_epoch: int = Field(default=2, ge=1)  # deep CTR models peak within an epoch: look twice
+    patience: int = Field(default=2, ge=1)  # evaluations without a better valid AUC before stopping
     grad_clip: float | None = Field(default=10.0, gt=0)
     max_failures: int = Field(default=0, ge=-1)
     storage_path: str = "runs/checkpoints"

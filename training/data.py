@@ -12,7 +12,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data.aggregate import Max, Min
 
 from raycluster.config import Config, MultiHotFeature, NumericFeature
 from training import storage
@@ -21,7 +20,7 @@ from training.features import DataError
 
 SPLIT = "__split__"
 SPLIT_NAMES = ("train", "valid", "test")
-_HIST_BINS = 1 << 14
+_SKETCH = 1025
 
 
 def s3_options(cfg: Config) -> storage.S3Options:
@@ -175,28 +174,31 @@ def _with_joins(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, pa
 
 
 def time_cutoffs(ds: ray.data.Dataset, cfg: Config) -> tuple[float, float]:
-    """Valid/test start times from a distributed histogram of the time column."""
+    """Valid/test start times in one pass over the time column: every block sends a quantile sketch
+    (1025 points and its row count); the driver merges the sketches (blocks x 1025 numbers)."""
     col, sp = cfg.features.time, cfg.data.split
     if not col:
         raise DataError("split.kind 'time' needs features.time (the time column)")
-    tmp = "__t__"
-    nums = ds.map_batches(lambda t: pa.table({tmp: time_numbers(t.column(col), col)}), batch_format="pyarrow")
-    agg = nums.aggregate(Min(tmp), Max(tmp))
-    lo, hi = float(agg[f"min({tmp})"]), float(agg[f"max({tmp})"])
-    if hi <= lo:
+    probs = np.linspace(0, 1, _SKETCH)
+
+    def sketch(t: pa.Table) -> pa.Table:
+        x = time_numbers(t.column(col), col)
+        if np.isnan(x).any():
+            raise DataError(f"time column {col!r}: {int(np.isnan(x).sum())} rows have no time")
+        if not len(x):
+            return pa.table({"q": pa.array([], pa.list_(pa.float64())), "n": pa.array([], pa.int64())})
+        return pa.table({"q": [np.quantile(x, probs)], "n": [len(x)]})
+
+    parts = pa.concat_tables(ray.get(ds.select_columns([col]).map_batches(
+        sketch, batch_format="pyarrow", batch_size=None).to_arrow_refs()))
+    q = np.concatenate([np.asarray(v) for v in parts["q"].to_pylist()])
+    w = np.repeat(parts["n"].to_numpy() / _SKETCH, _SKETCH)
+    order = np.argsort(q, kind="stable")
+    q, cdf = q[order], np.cumsum(w[order]) / w.sum()
+    if q[-1] <= q[0]:
         raise DataError(f"time column {col!r}: all rows have the same time; a time split is impossible")
-    edges = np.linspace(lo, hi, _HIST_BINS + 1)
-
-    def hist(t: pa.Table) -> pa.Table:
-        counts, _ = np.histogram(t.column(tmp).to_numpy(), bins=edges)
-        return pa.table({"counts": [counts.astype(np.int64)]})
-
-    total = np.zeros(_HIST_BINS, np.int64)
-    for batch in nums.map_batches(hist, batch_format="pyarrow").iter_batches(batch_format="numpy"):
-        total += np.sum(np.stack(batch["counts"]), axis=0)
-    cdf = np.cumsum(total) / total.sum()
-    c1 = edges[1 + np.searchsorted(cdf, 1 - sp.valid_fraction - sp.test_fraction)]
-    c2 = edges[1 + np.searchsorted(cdf, 1 - sp.test_fraction)]
+    c1 = q[min(np.searchsorted(cdf, 1 - sp.valid_fraction - sp.test_fraction), len(q) - 1)]
+    c2 = q[min(np.searchsorted(cdf, 1 - sp.test_fraction), len(q) - 1)]
     return float(c1), float(c2)
 
 

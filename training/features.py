@@ -102,6 +102,11 @@ def label_values(feats: FeaturesConfig, batch: Mapping[str, Any]) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def numeric_transform(x: np.ndarray, kind: str) -> np.ndarray:
+    """`log1p` is sign-preserving so negative amounts stay finite."""
+    return np.sign(x) * np.log1p(np.abs(x)) if kind == "log1p" else x
+
+
 def stable_hash(arr: pa.Array) -> np.ndarray:
     """uint64 hash of each value's string form: the same in every process and in serving."""
     strings = pc.cast(arr, pa.string()) if not pa.types.is_string(arr.type) else arr
@@ -153,27 +158,41 @@ class Preprocessor:
         return list(dict.fromkeys(f.column for f in self.spec.features))
 
     # ----- transform
+    def _index(self, name: str) -> pd.Index:
+        """A pandas Index per vocabulary: its hash table is built once and reused for every batch."""
+        cache = self.__dict__.setdefault("_indexes", {})
+        if name not in cache:
+            cache[name] = pd.Index(self.vocab[name].to_numpy(zero_copy_only=False), dtype=object)
+        return cache[name]
+
     def _lookup(self, f: Any, values: pa.Array) -> np.ndarray:
+        nulls = values.is_null().to_numpy(zero_copy_only=False) if values.null_count else None
         if isinstance(f, CategoricalFeature) and f.hash_buckets:
             idx = FIRST + (stable_hash(values) % np.uint64(f.hash_buckets)).astype(np.int64)
-            return np.where(values.is_null().to_numpy(zero_copy_only=False), OOV, idx).astype(np.int32)
-        vocab = self.vocab[f.name]
-        if values.type != vocab.type:
-            try:
-                values = pc.cast(values, vocab.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                values = pc.cast(values, pa.string())
-                vocab = pc.cast(vocab, pa.string())
-        pos = pc.index_in(values, value_set=vocab).fill_null(-1).to_numpy(zero_copy_only=False)
-        return np.where(pos < 0, OOV, pos + FIRST).astype(np.int32)
+        else:
+            vt = self.vocab[f.name].type
+            if values.type != vt:
+                try:
+                    values = pc.cast(values, vt)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    raise DataError(f"column {f.column!r} (feature {f.name!r}): cannot read {values.type} "
+                                    f"values as the fitted {vt}") from None
+            # look up each distinct value once: batches hold few distinct values, and Arrow strings
+            # would otherwise be turned into Python objects row by row
+            d = pc.dictionary_encode(values)
+            pos = self._index(f.name).get_indexer(d.dictionary.to_numpy(zero_copy_only=False))
+            idx = np.where(pos < 0, OOV, pos + FIRST)[d.indices.fill_null(0).to_numpy(zero_copy_only=False)] \
+                if len(d.dictionary) else np.full(len(values), OOV)
+        if nulls is not None:
+            idx = np.where(nulls, OOV, idx)
+        return idx.astype(np.int32)
 
     def encode_feature(self, f: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arr = raw_values(f, batch)
         if isinstance(f, NumericFeature):
             x = arr.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
             x = np.where(np.isfinite(x), x, np.nan)
-            if f.transform == "log1p":
-                x = np.sign(x) * np.log1p(np.abs(x))  # sign-preserving: negative amounts stay finite
+            x = numeric_transform(x, f.transform)
             x = np.where(np.isnan(x), self.fill[f.name], x)
             return {f.name: ((x - self.mean[f.name]) / self.std[f.name]).astype(np.float32)}
         if isinstance(f, CategoricalFeature):

@@ -2,10 +2,12 @@
 preprocessor; one map_batches pass encodes every split into cached Parquet shards."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +18,7 @@ from ray.data.aggregate import Max, Min, Sum
 from raycluster.config import CategoricalFeature, Config, MultiHotFeature, NumericFeature
 from training import storage
 from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset
-from training.features import DataError, Preprocessor, raw_values
+from training.features import DataError, Preprocessor, numeric_transform, raw_values
 
 NULL = "\u2400null"  # no NUL byte: numpy->Arrow string conversion stops at one
 _LABEL = "\u2400label"
@@ -25,54 +27,79 @@ _STAT_COLS = ("count", "label_sum", "sum", "sumsq", "min", "max")
 
 
 class PartialStats:
-    """One batch -> a small table of (split, feature, value) partial sums."""
+    """One batch -> a small table of (split, feature, value) partial sums. Categorical values are
+    grouped in their own type and only the (small) grouped result is cast to string."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
-    def _rows(self, split: np.ndarray, feature: str, value: pa.Array, label: np.ndarray,
-              x: np.ndarray | None = None) -> pa.Table:
-        t = pa.table({"split": split, "value": value, "label": label,
-                      "x": x if x is not None else np.zeros(len(split))})
-        t = t.append_column("x2", pc.multiply(t["x"], t["x"]))
-        g = t.group_by(["split", "value"]).aggregate([("label", "count"), ("label", "sum"), ("x", "sum"),
-                                                      ("x2", "sum"), ("x", "min"), ("x", "max")])
-        return pa.table({"split": g["split"], "feature": pa.array([feature] * g.num_rows, pa.string()),
-                         "value": g["value"], "count": g["label_count"], "label_sum": g["label_sum"],
-                         "sum": g["x_sum"], "sumsq": g["x2_sum"], "min": g["x_min"], "max": g["x_max"]})
+    @staticmethod
+    def _table(split: Any, feature: str, value: Any, count: Any, label_sum: Any, sums: Any = None) -> pa.Table:
+        def arr(x: Any, t: pa.DataType) -> pa.Array | pa.ChunkedArray:
+            return x.cast(t) if isinstance(x, (pa.Array, pa.ChunkedArray)) else pa.array(x, t)
+
+        n = len(split)
+        s, s2, lo, hi = sums if sums is not None else (np.zeros(n), np.zeros(n), np.full(n, np.nan), np.full(n, np.nan))
+        return pa.table({"split": arr(split, pa.int8()), "feature": pa.repeat(pa.scalar(feature), n),
+                         "value": arr(value, pa.string()), "count": arr(count, pa.int64()),
+                         "label_sum": arr(label_sum, pa.float64()), "sum": arr(s, pa.float64()),
+                         "sumsq": arr(s2, pa.float64()), "min": arr(lo, pa.float64()), "max": arr(hi, pa.float64())})
+
+    def _counts(self, split: np.ndarray, feature: str, value: pa.Array, y: np.ndarray) -> pa.Table:
+        g = pa.table({"split": split, "value": value, "y": y}).group_by(["split", "value"]).aggregate(
+            [("y", "count"), ("y", "sum")])
+        return self._table(g["split"], feature, pc.cast(g["value"], pa.string()).fill_null(NULL),
+                           g["y_count"], g["y_sum"])
+
+    def _by_split(self, split: np.ndarray, code: np.ndarray, names: list[str], feature: str, y: np.ndarray,
+                  x: np.ndarray | None = None) -> pa.Table:
+        """Per (split, code) counts with numpy; with `x`, sums/min/max of x where code == 0."""
+        key = split.astype(np.int64) * len(names) + code
+        n = np.bincount(key, minlength=3 * len(names))
+        ys = np.bincount(key, weights=y, minlength=3 * len(names))
+        keep = np.flatnonzero(n)
+        sums = None
+        if x is not None:
+            s = np.bincount(key, weights=x, minlength=3 * len(names))
+            s2 = np.bincount(key, weights=x * x, minlength=3 * len(names))
+            lo, hi = np.full(len(n), np.nan), np.full(len(n), np.nan)
+            for k in keep:
+                if k % len(names) == 0:
+                    sel = x[key == k]
+                    lo[k], hi[k] = sel.min(), sel.max()
+            sums = (s[keep], s2[keep], lo[keep], hi[keep])
+        return self._table(keep // len(names), feature, [names[k % len(names)] for k in keep], n[keep], ys[keep], sums)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         f = self.cfg.features
         split = table.column(SPLIT).to_numpy()
         raw = table.column(f.label)
         cols = {c: table.column(c) for c in table.column_names}
-        lab = pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False) if raw.null_count < len(raw) else np.full(len(raw), np.nan)
+        lab = pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> nan
         if f.label_threshold is not None:
-            labstr = np.where(np.isnan(lab), "null", np.where(lab >= f.label_threshold, "1", "0"))
+            code = np.where(np.isnan(lab), 2, (lab >= f.label_threshold).astype(np.int64))
         else:
-            labstr = np.where(np.isnan(lab), "null", np.where(lab == 1, "1", np.where(lab == 0, "0", "invalid")))
-        y = (labstr == "1").astype(np.float64)
-        parts = [self._rows(split, _LABEL, pa.array(labstr), y),
-                 self._rows(split, _ROWS, pa.array(np.full(len(y), "")), y)]
+            code = np.where(np.isnan(lab), 2, np.where(lab == 1, 1, np.where(lab == 0, 0, 3)))
+        y = (code == 1).astype(np.float64)
+        parts = [self._by_split(split, code, ["0", "1", "null", "invalid"], _LABEL, y),
+                 self._by_split(split, np.zeros(len(y), np.int64), [""], _ROWS, y)]
         for feat in f.features:
             arr = raw_values(feat, cols)
             if isinstance(feat, NumericFeature):
                 x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
                 ok = np.isfinite(x)
-                tx = np.sign(x) * np.log1p(np.abs(x)) if feat.transform == "log1p" else x
-                value = pa.array(np.where(ok, "", NULL))
-                parts.append(self._rows(split, feat.name, value, y, np.where(ok, tx, 0.0)))
-                continue
-            if isinstance(feat, MultiHotFeature):
+                tx = np.where(ok, numeric_transform(np.where(ok, x, 0.0), feat.transform), 0.0)
+                parts.append(self._by_split(split, (~ok).astype(np.int64), ["", NULL], feat.name, y, tx))
+            elif isinstance(feat, MultiHotFeature):
                 lists = arr.fill_null(pa.scalar([], arr.type)) if arr.null_count else arr
                 parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
                 flat = pc.list_flatten(lists)
                 nulls = np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))
+                values = pa.concat_arrays([flat, pa.nulls(len(nulls), flat.type)])
                 parent = np.concatenate([parent, nulls])
-                values = pa.concat_arrays([pc.cast(flat, pa.string()), pa.array([None] * len(nulls), pa.string())])
-                parts.append(self._rows(split[parent], feat.name, values.fill_null(NULL), y[parent]))
-                continue
-            parts.append(self._rows(split, feat.name, pc.cast(arr, pa.string()).fill_null(NULL), y))
+                parts.append(self._counts(split[parent], feat.name, values, y[parent]))
+            else:
+                parts.append(self._counts(split, feat.name, arr, y))
         return pa.concat_tables(parts)
 
 
@@ -125,8 +152,7 @@ def fit_preprocessor(stats: Stats, cfg: Config, schema: pa.Schema) -> Preprocess
             var = float(ok["sumsq"].sum()) / n - mean * mean if n else 1.0
             std = math.sqrt(var) if var > 1e-12 else 1.0
             pp.mean[f.name], pp.std[f.name] = mean, std
-            fill = mean if f.fill is None else (math.copysign(math.log1p(abs(f.fill)), f.fill)
-                                                if f.transform == "log1p" else f.fill)
+            fill = mean if f.fill is None else float(numeric_transform(np.array([f.fill]), f.transform)[0])
             pp.fill[f.name] = fill
             continue
         if isinstance(f, CategoricalFeature) and f.hash_buckets:
@@ -210,6 +236,61 @@ def encode(ds: ray.data.Dataset, pp: Preprocessor, out_dir: str, cfg: Config) ->
     enc.write_parquet(inner, filesystem=fs, partition_cols=["split"], min_rows_per_file=cfg.data.batch_size * 16)
 
 
+def _samples(ds: ray.data.Dataset, cfg: Config, n: int = 8) -> list[dict]:
+    """A few raw test rows: the bundle keeps them with their scores for serving's self-check."""
+    f = cfg.features
+    keep = list(dict.fromkeys([x.column for x in f.features] + [c for c in (f.label, f.group) if c]))
+
+    def first(t: pa.Table) -> pa.Table:
+        return t.filter(pc.equal(t[SPLIT], 2)).select(keep).slice(0, n)
+
+    rows = ds.map_batches(first, batch_format="pyarrow", batch_size=None).take(n)
+    return [{k: (v.item() if hasattr(v, "item") else v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+            for r in rows]
+
+
+def fingerprint(cfg: Config) -> str:
+    """What the prepared data depends on: the data and features sections."""
+    blob = json.dumps({"data": cfg.data.model_dump(mode="json"), "features": cfg.features.model_dump(mode="json")},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def ensure_data(cfg: Config) -> None:
+    """Generate the configured synthetic dataset when `data.generate` is set and the source is missing."""
+    from training import synth
+
+    g = cfg.data.generate
+    if g is None or storage.exists(cfg.data.source, s3_options(cfg)):
+        return
+    print(f"== generating {g.rows:,} synthetic rows into {cfg.data.source}", flush=True)
+    info = synth.generate(g.rows, cfg.data.source, seed=g.seed, shards=g.shards, s3=s3_options(cfg))
+    print(f"   {info['rows']:,} rows in {info['seconds']:.1f} s, base rate {info['base_rate']:.4f}, "
+          f"Bayes AUC (test) {info['bayes_auc_test']:.4f}", flush=True)
+
+
+def ensure_prepared(cfg: Config, force: bool = False) -> dict:
+    """Prepared data for this config: reused when the data/features sections are unchanged."""
+    s3 = s3_options(cfg)
+    base = storage.join(cfg.run_dir, "data")
+    fp_path = storage.join(base, "fingerprint.txt")
+    if not force and storage.exists(fp_path, s3) and storage.read_text(fp_path, s3) == fingerprint(cfg):
+        return {"dir": base, "encoded": storage.join(base, "encoded"),
+                "preprocessor": Preprocessor.from_json(storage.read_text(storage.join(base, "preprocessor.json"), s3)),
+                "profile": json.loads(storage.read_text(storage.join(base, "profile.json"), s3)),
+                "samples": json.loads(storage.read_text(storage.join(base, "samples.json"), s3)), "reused": True}
+    ensure_data(cfg)
+    res = prepare(cfg, base)
+    storage.write_text(fp_path, fingerprint(cfg), s3)  # last: marks the prepared data complete
+    return {**res, "reused": False}
+
+
+def encoded_datasets(encoded_dir: str, cfg: Config) -> dict[str, ray.data.Dataset]:
+    """The cached encoded splits as streaming datasets."""
+    fs, inner = storage.filesystem(encoded_dir, s3_options(cfg))
+    return {name: ray.data.read_parquet(f"{inner}/split={name}", filesystem=fs) for name in SPLIT_NAMES}
+
+
 def prepare(cfg: Config, out_dir: str | None = None) -> dict:
     """Read, validate, split, profile, fit and encode. Writes under `{run_dir}/data` and returns
     the paths and the profile."""
@@ -225,5 +306,7 @@ def prepare(cfg: Config, out_dir: str | None = None) -> dict:
     t2 = time.time()
     storage.write_text(storage.join(base, "preprocessor.json"), pp.to_json(), s3)
     storage.write_text(storage.join(base, "profile.json"), json.dumps(prof, indent=2), s3)
-    return {"dir": base, "encoded": storage.join(base, "encoded"), "profile": prof,
+    samples = _samples(ds, cfg)
+    storage.write_text(storage.join(base, "samples.json"), json.dumps(samples), s3)
+    return {"dir": base, "encoded": storage.join(base, "encoded"), "profile": prof, "samples": samples,
             "preprocessor": pp, "fit_seconds": t1 - t0, "encode_seconds": t2 - t1}

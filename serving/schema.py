@@ -1,0 +1,270 @@
+"""The request schema, derived from the bundle's feature spec: raw JSON in, validated columns out.
+
+Every field a feature reads (`Preprocessor.input_columns`) must be present in the request; `null` is
+accepted and encoded as in training (out-of-vocabulary index, or the fitted fill value). Errors name
+the field as `candidates[3].budget: missing`, and are raised as `RequestError` with an HTTP status.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from raycluster.config import CategoricalFeature, MultiHotFeature, NumericFeature
+from training.features import Preprocessor
+
+MISSING = object()
+INT64 = (-(2**63), 2**63 - 1)
+MAX_ERRORS = 5  # per response: enough to fix a client, short enough to read
+
+
+class RequestError(Exception):
+    """A request the service refuses; `status` is the HTTP status, the message names the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class NonFinite(str):
+    """JSON's NaN / Infinity / -Infinity, kept as a marker so the error can name the field."""
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: NaN and Infinity survive only as `NonFinite` markers, never as floats."""
+    try:
+        return json.loads(body, parse_constant=NonFinite)
+    except RecursionError:
+        raise RequestError(400, "body: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(400, f"body: invalid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class Column:
+    """One request field and how the features that read it constrain its values."""
+    name: str
+    kinds: frozenset[str]  # numeric | categorical | multi_hot | text (read through a regex)
+    sep: str | None = None  # multi_hot: lists are joined with it, as training data stores them
+    int_vocab: bool = False  # categorical with an integer vocabulary: "42" -> 42, other text -> OOV
+    float_ok: bool = False  # categorical fitted on floats
+
+    @property
+    def ok_types(self) -> frozenset[type]:
+        """Value types that pass every kind's check without a closer look (lists get one)."""
+        allowed = {int, float, str, bool, list, type(None)}
+        for kind in self.kinds:
+            if kind == "numeric":
+                allowed &= {int, float, type(None)}
+            elif kind in ("categorical", "text"):
+                allowed &= {str, int, bool, type(None)} | ({float} if self.float_ok else set())
+            else:
+                allowed &= {str, int, list, type(None)}
+        return frozenset(allowed)
+
+
+def _columns(pp: Preprocessor) -> list[Column]:
+    by_col: dict[str, list[Any]] = {}
+    for f in pp.spec.features:
+        by_col.setdefault(f.column, []).append(f)
+    out = []
+    for name, feats in by_col.items():
+        kinds = frozenset("text" if f.regex else f.type for f in feats)
+        sep = next((f.sep for f in feats if isinstance(f, MultiHotFeature) and not f.regex), None)
+        vtypes = [pp.vocab[f.name].type for f in feats
+                  if isinstance(f, CategoricalFeature) and not f.regex and f.name in pp.vocab]
+        out.append(Column(name, kinds, sep, int_vocab=bool(vtypes) and all(pa.types.is_integer(t) for t in vtypes),
+                          float_ok=any(pa.types.is_floating(t) for t in vtypes)))
+    return out
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", float: "a number",
+            int: "an integer"}.get(type(v), type(v).__name__)
+
+
+def _value_error(col: Column, v: Any) -> str | None:
+    """Why `v` cannot be a value of `col` (None when it can)."""
+    if v is None:
+        return None
+    if isinstance(v, NonFinite):
+        return f"must be a finite number (got {v})" if "numeric" in col.kinds else f"invalid value {v}"
+    t = type(v)
+    if t is int and not INT64[0] <= v <= INT64[1]:
+        return "integer out of the 64-bit range"
+    for kind in col.kinds:
+        if kind == "numeric":
+            if t is float and not math.isfinite(v):
+                return f"must be a finite number (got {v})"
+            if t not in (int, float):
+                return f"must be a number, got {_type_name(v)}"
+        elif kind in ("categorical", "text"):
+            if t not in (str, int, bool) and not (t is float and col.float_ok):
+                return f"must be a string, integer or boolean, got {_type_name(v)}"
+        elif t is list:  # multi_hot
+            bad = next((x for x in v if type(x) not in (str, int) or (type(x) is int and not INT64[0] <= x <= INT64[1])),
+                       MISSING)
+            if bad is not MISSING:
+                return f"list items must be strings or integers, got {_type_name(bad)}"
+        elif t not in (str, int):
+            return f"must be a list of strings or integers, or a string, got {_type_name(v)}"
+    return None
+
+
+def _all_valid(col: Column, ok: frozenset[type], values: list[Any]) -> bool:
+    """Fast check of a whole column in C-level passes; False sends the caller to the per-value check."""
+    types = set(map(type, values))
+    if not types <= ok:
+        return False
+    if int in types:
+        ints = [v for v in values if type(v) is int]
+        if min(ints) < INT64[0] or max(ints) > INT64[1]:
+            return False
+    if float in types and "numeric" in col.kinds and not all(map(math.isfinite, [v for v in values if type(v) is float])):
+        return False
+    if list in types:
+        return all(_value_error(col, v) is None for v in values if type(v) is list)
+    return True
+
+
+def _normalize(col: Column, values: list[Any]) -> list[Any]:
+    """Bring valid values to the form training data had, so `Preprocessor.transform` reads them alike."""
+    if col.kinds == frozenset({"multi_hot"}):
+        if col.sep is not None:
+            return [col.sep.join(map(str, v)) if type(v) is list else (str(v) if type(v) is int else v) for v in values]
+        return [v if type(v) is list or v is None else [v] for v in values]
+    if col.int_vocab and col.kinds == frozenset({"categorical"}) and any(type(v) is str for v in values):
+        return [_as_int(v) if type(v) is str else v for v in values]
+    return values
+
+
+def _as_int(s: str) -> int | None:
+    try:
+        i = int(s)
+    except ValueError:
+        return None  # text never seen by an integer vocabulary: out of vocabulary
+    return i if INT64[0] <= i <= INT64[1] else None
+
+
+class Schema:
+    """Validates /rank and /predict bodies against a preprocessor's input columns."""
+
+    def __init__(self, pp: Preprocessor, max_items: int) -> None:
+        self.columns = _columns(pp)
+        self._ok = {c.name: c.ok_types for c in self.columns}
+        self.max_items = max_items
+
+    @property
+    def fields(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def _items(self, body: dict[str, Any], key: str) -> list[Any]:
+        items = body.get(key, MISSING)
+        if items is MISSING:
+            raise RequestError(422, f"{key}: missing")
+        if type(items) is not list:
+            raise RequestError(422, f"{key}: must be a list of objects, got {_type_name(items)}")
+        if not items:
+            raise RequestError(422, f"{key}: must not be empty")
+        if len(items) > self.max_items:
+            raise RequestError(422, f"{key}: {len(items)} items, more than the limit of {self.max_items}")
+        bad = next((i for i, x in enumerate(items) if type(x) is not dict), None)
+        if bad is not None:
+            raise RequestError(422, f"{key}[{bad}]: must be an object, got {_type_name(items[bad])}")
+        return items
+
+    def columns_of(self, items: list[dict[str, Any]], key: str,
+                   context: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+        """Validated column lists; an item's own value wins over the context's."""
+        context = context or {}
+        errors: list[str] = []
+        out: dict[str, list[Any]] = {}
+        n = len(items)
+        for col in self.columns:
+            c = col.name
+            own = [x.get(c, MISSING) for x in items]
+            shared = context.get(c, MISSING)
+            if shared is not MISSING:
+                why = _value_error(col, shared)
+                if why:
+                    errors.append(f"context.{c}: {why}")
+                    continue
+                if all(v is MISSING for v in own):
+                    out[c] = _normalize(col, [shared] * n)
+                    continue
+                own = [shared if v is MISSING else v for v in own]
+            if _all_valid(col, self._ok[c], own):
+                out[c] = _normalize(col, own)
+                continue
+            for i, v in enumerate(own):
+                why = "missing" if v is MISSING else _value_error(col, v)
+                if why:
+                    errors.append(f"{key}[{i}].{c}: {why}")
+                    break  # one error per field keeps the message short
+            else:
+                out[c] = _normalize(col, own)
+        if errors:
+            more = f" (and {len(errors) - MAX_ERRORS} more)" if len(errors) > MAX_ERRORS else ""
+            raise RequestError(422, "; ".join(errors[:MAX_ERRORS]) + more)
+        return out
+
+    def rank_request(self, body: Any) -> tuple[dict[str, list[Any]], list[Any], int]:
+        """(columns, candidate ids, top_k) of a /rank body."""
+        if type(body) is not dict:
+            raise RequestError(422, f"body: must be a JSON object, got {_type_name(body)}")
+        context = body.get("context", {})
+        if context is None:
+            context = {}
+        if type(context) is not dict:
+            raise RequestError(422, f"context: must be an object, got {_type_name(context)}")
+        items = self._items(body, "candidates")
+        top_k = body.get("top_k", len(items))
+        if type(top_k) is not int or top_k < 1:
+            raise RequestError(422, f"top_k: must be an integer >= 1, got {top_k!r}")
+        ids = [x.get("id") for x in items]
+        bad = next((i for i, v in enumerate(ids) if v is not None and type(v) not in (str, int)), None)
+        if bad is not None:
+            raise RequestError(422, f"candidates[{bad}].id: must be a string or an integer, got {_type_name(ids[bad])}")
+        return self.columns_of(items, "candidates", context), ids, min(top_k, len(items))
+
+    def predict_request(self, body: Any) -> dict[str, list[Any]]:
+        if type(body) is not dict:
+            raise RequestError(422, f"body: must be a JSON object, got {_type_name(body)}")
+        return self.columns_of(self._items(body, "rows"), "rows")
+
+
+# ---- documentation only: the routes read raw bytes (see `Schema`), these models feed the OpenAPI page
+class RankRequest(BaseModel):
+    context: dict[str, Any] = Field(default_factory=dict, description="fields shared by every candidate")
+    candidates: list[dict[str, Any]] = Field(description="one object per item; its fields win over context's; "
+                                                         "optional `id` is echoed back")
+    top_k: int | None = Field(default=None, ge=1, description="how many results (default: all)")
+
+
+class RankResult(BaseModel):
+    index: int
+    id: str | int | None
+    score: float
+
+
+class RankResponse(BaseModel):
+    model_version: str
+    results: list[RankResult]
+
+
+class PredictRequest(BaseModel):
+    rows: list[dict[str, Any]]
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    scores: list[float]
+
+
+class ErrorResponse(BaseModel):
+    detail: str

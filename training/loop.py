@@ -1,0 +1,288 @@
+"""The per-worker training loop (Ray Train V2): stream encoded shards, DDP, exact gathered metrics,
+a checkpoint every epoch, resume from the latest one, test metrics with the best weights."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.data.collate_fn import ArrowBatchCollateFn
+from safetensors.torch import load_file, save_file
+
+from raycluster.config import Config
+from training.evalmetrics import compute_metrics
+from training.features import GROUP, LABEL, ORACLE, Preprocessor
+from training.evaluate import fields_of
+from training.models import build_model, model_arch
+
+SPARSE_OPTIMIZERS = ("sparse_adam",)
+
+
+class Collate(ArrowBatchCollateFn):
+    """Arrow batch -> tensors with column-wise numpy (no per-row Python)."""
+
+    def __init__(self, cat_cols: list[str], num_cols: list[str], extras: list[str], pin: bool) -> None:
+        self.cat_cols, self.num_cols, self.extras, self.pin = cat_cols, num_cols, extras, pin
+
+    def __call__(self, t: pa.Table) -> dict[str, torch.Tensor]:
+        n = t.num_rows
+        cat = np.stack([t.column(c).to_numpy() for c in self.cat_cols], 1) if self.cat_cols else np.zeros((n, 0), np.int32)
+        num = np.stack([t.column(c).to_numpy() for c in self.num_cols], 1) if self.num_cols else np.zeros((n, 0), np.float32)
+        out = {"x_cat": torch.from_numpy(cat), "x_num": torch.from_numpy(num)}
+        for c in self.extras:
+            if c in t.column_names:
+                out[c] = torch.from_numpy(t.column(c).to_numpy())
+        if self.pin:
+            out = {k: v.pin_memory() for k, v in out.items()}
+        return out
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_auc: float = -math.inf
+    best_epoch: float = -1.0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # epoch at each (re)start: shows resumes
+
+
+def resolve_device(cfg: Config) -> tuple[bool, str]:
+    """(use_gpu, precision) from `auto` settings, as seen from the cluster's resources."""
+    use = cfg.train.use_gpu
+    if use == "auto":
+        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    else:
+        use_gpu = use in (True, "true")
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if use_gpu else "fp32")
+    return use_gpu, precision
+
+
+# ---------------------------------------------------------------- safetensors state (no pickle)
+def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    m = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+
+
+def save_checkpoint(d: str, model: torch.nn.Module, best: dict[str, torch.Tensor], opts: list, state: TrainState,
+                    arch: dict) -> None:
+    save_file(_weights(model), os.path.join(d, "model.safetensors"))
+    save_file(best, os.path.join(d, "best.safetensors"))
+    metas = []
+    for i, opt in enumerate(opts):
+        tensors, meta = _flat_optimizer(opt)
+        save_file(tensors, os.path.join(d, f"optimizer{i}.safetensors"))
+        metas.append(meta)
+    with open(os.path.join(d, "state.json"), "w") as f:
+        json.dump({"state": asdict(state), "optimizers": metas, "arch": arch}, f)
+
+
+def load_checkpoint(d: str, model: torch.nn.Module, opts: list, arch: dict) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    with open(os.path.join(d, "state.json")) as f:
+        meta = json.load(f)
+    if meta["arch"] != arch:
+        raise ValueError("the run's checkpoint holds a different model architecture than the config asks for; "
+                         "use a new run.name (or delete the old run) to train this model")
+    model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+    for i, opt in enumerate(opts):
+        opt.load_state_dict(_unflat_optimizer(load_file(os.path.join(d, f"optimizer{i}.safetensors")), meta["optimizers"][i]))
+    return TrainState(**meta["state"]), load_file(os.path.join(d, "best.safetensors"))
+
+
+# ---------------------------------------------------------------- pieces of the loop
+def make_optimizers(model: torch.nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
+    t = cfg.train
+    if t.optimizer == "adagrad":
+        return [torch.optim.Adagrad(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)]
+    if t.optimizer == "sparse_adam":  # sparse embedding rows updated lazily: big tables stay cheap
+        sparse = [p for n, p in model.named_parameters() if _is_sparse_param(model, n)]
+        dense = [p for n, p in model.named_parameters() if not _is_sparse_param(model, n)]
+        opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=t.lr)] if sparse else []
+        return opts + [torch.optim.AdamW(dense, lr=t.lr, weight_decay=t.weight_decay)]
+    return [torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)]
+
+
+def _is_sparse_param(model: torch.nn.Module, name: str) -> bool:
+    mod = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return isinstance(mod, torch.nn.Embedding) and mod.sparse
+
+
+def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate every worker's arrays on every worker: metrics over ALL rows, not rank 0's."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return arrays
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, arrays)
+    return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+def predict(model: torch.nn.Module, shard: Any, collate: Collate, batch_size: int, device: torch.device,
+            autocast: Any) -> dict[str, np.ndarray]:
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {"p": [], "y": [], "g": [], "o": []}
+    with torch.no_grad():
+        for b in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu"):
+            with autocast():
+                logits = model(b["x_cat"].to(device, non_blocking=True), b["x_num"].to(device, non_blocking=True))
+            out["p"].append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64))
+            out["y"].append(b[LABEL].numpy())
+            if GROUP in b:
+                out["g"].append(b[GROUP].numpy())
+            if ORACLE in b:
+                out["o"].append(b[ORACLE].numpy())
+    model.train()
+    return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in out.items()}
+
+
+def metrics_of(pred: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    if len(pred["y"]) == 0:
+        raise ValueError(f"the {prefix} split has no rows")
+    m = compute_metrics(pred["y"], np.clip(pred["p"], 0.0, 1.0), group=pred["g"] if len(pred["g"]) else None,
+                        p_true=pred["o"] if len(pred["o"]) else None)
+    return {f"{prefix}_{k}": v for k, v in m.items()}
+
+
+# ---------------------------------------------------------------- the loop
+def train_loop(config: dict) -> None:
+    cfg = Config.model_validate(config["cfg"])
+    pp = Preprocessor.from_json(config["pp"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(t.seed)
+    torch.set_num_threads(t.torch_threads or max(1, math.ceil(t.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    _, precision = resolve_device(cfg)
+    on_gpu = device.type == "cuda"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    fields, n_num = fields_of(pp), len(pp.num_columns)
+    arch = model_arch(cfg.model, fields, n_num)
+    model = build_model(cfg.model, fields, n_num, sparse=t.optimizer in SPARSE_OPTIMIZERS)
+    opts = make_optimizers(model, cfg)
+    state, best = TrainState(), _weights(model)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state, best = load_checkpoint(d, model, opts, arch)
+    state.starts.append(state.epoch)
+    model = ray.train.torch.prepare_model(model) if ctx.get_world_size() > 1 or on_gpu else model
+    collate = Collate(pp.cat_columns, pp.num_columns, [LABEL, GROUP, ORACLE], pin=on_gpu)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    log = (lambda msg: print(f"[rankray train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    if state.starts[-1] > 0:
+        log(f"resumed from the checkpoint of epoch {state.epoch}")
+
+    steps_per_epoch = max(1, config["train_rows"] // ctx.get_world_size() // t.batch_size)
+    mid_evals = {round(k * steps_per_epoch / t.evals_per_epoch) for k in range(1, t.evals_per_epoch)}
+
+    def evaluate(at: float) -> dict[str, float]:
+        """Valid metrics over all workers' rows; keeps the best weights. Same result on every rank."""
+        nonlocal best
+        metrics = metrics_of(gather(predict(model, ray.train.get_dataset_shard("valid"), collate,
+                                            t.batch_size * 4, device, autocast)), "valid")
+        if metrics["valid_auc"] > state.best_auc:
+            state.best_auc, state.best_epoch, state.bad_epochs = metrics["valid_auc"], at, 0
+            best = _weights(model)
+        else:
+            state.bad_epochs += 1
+        log(f"eval at epoch {at:.2f}: valid AUC {metrics['valid_auc']:.4f} (best {state.best_auc:.4f})")
+        return metrics
+
+    while state.epoch < t.epochs and state.bad_epochs < t.patience:
+        epoch = state.epoch + 1
+        shard = ray.train.get_dataset_shard("train")
+        t0, seen, total_loss, steps = time.time(), 0, 0.0, 0
+        tick, tick_seen = t0, 0
+        for b in shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate, device="cpu",
+                                          prefetch_batches=2):
+            x_cat = b["x_cat"].to(device, non_blocking=True)
+            x_num = b["x_num"].to(device, non_blocking=True)
+            y = b[LABEL].to(device, non_blocking=True)
+            with autocast():
+                logits = model(x_cat, x_num)
+            loss = loss_fn(logits.float(), y)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
+                torch.nn.utils.clip_grad_norm_(dense, t.grad_clip)
+            for o in opts:
+                o.step()
+            steps += 1
+            seen += len(y)
+            total_loss += float(loss.detach())
+            if steps % t.log_every == 0:
+                now = time.time()
+                log(f"epoch {epoch} step {steps} loss {total_loss / steps:.4f} "
+                    f"samples/s {(seen - tick_seen) / max(now - tick, 1e-9):,.0f} (rank 0)")
+                tick, tick_seen = now, seen
+            if steps in mid_evals:  # equal shards: every rank reaches the same step, so DDP stays in step
+                evaluate(state.epoch + steps / steps_per_epoch)
+                model.train()
+                if state.bad_epochs >= t.patience:
+                    break
+        train_seconds = time.time() - t0
+        metrics = evaluate(float(epoch)) if state.bad_epochs < t.patience else {}
+        state.epoch = epoch
+        seen_all = int(gather({"n": np.array([seen])})["n"].sum())  # throughput of all workers together
+        row = {"epoch": epoch, "train_loss": total_loss / max(steps, 1), "train_seconds": train_seconds,
+               "samples_per_s": seen_all / max(train_seconds, 1e-9), **metrics}
+        state.history.append(row)
+        log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        _report({**row, "best_valid_auc": state.best_auc, "done": False}, rank, model, best, opts, state, arch)
+
+    # test with the best weights, over all workers' rows
+    m = model.module if hasattr(model, "module") else model
+    m.load_state_dict(best)
+    test = metrics_of(gather(predict(model, ray.train.get_dataset_shard("test"), collate, t.batch_size * 4,
+                                     device, autocast)), "test")
+    log(" ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    rss = gather({"rss": np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])})["rss"]
+    final = {**test, "worker_peak_rss_mb": float(rss.max()), "best_valid_auc": state.best_auc,
+             "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+             "stopped_early": state.epoch < t.epochs, "done": True, "history": json.dumps(state.history),
+             "starts": json.dumps(state.starts)}
+    _report(final, rank, model, best, opts, state, arch)
+
+
+def _report(metrics: dict, rank: int, model: torch.nn.Module, best: dict, opts: list, state: TrainState,
+            arch: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(d, model, best, opts, state, arch)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
