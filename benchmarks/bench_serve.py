@@ -1,11 +1,12 @@
-"""/rank with 100 candidates, closed loop, at several client counts: (a) the scorer in-process (no HTTP),
-(b) the same Service on bare FastAPI + uvicorn (one process, no batching), (c) rankray on Ray Serve.
+"""/rank with 100 candidates, closed loop, at several client counts: (a) the scorer in-process, no HTTP,
+the c requests scored as one ideal batch (transform + forward); (b) the same Service on bare FastAPI +
+uvicorn (one process, no batching); (c) rankray on Ray Serve (proxy + one replica, dynamic batching).
 
     .venv/bin/python benchmarks/bench_serve.py [--model BUNDLE] [--duration 10] [--concurrency 1,8,16,32]
 
 Without --model an untrained bundle of the demo config is built (speed does not depend on the weights).
-The load generator is a minimal asyncio HTTP/1.1 keep-alive client: httpx costs ~10x more CPU per
-request, which on a small machine would be taken from the servers being measured.
+The load generator is a minimal asyncio HTTP/1.1 keep-alive client: httpx spent ~1 ms of CPU per request
+here against ~0.2 ms for it, CPU that a small machine would take from the servers being measured.
 """
 import argparse
 import asyncio
@@ -16,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -29,6 +29,7 @@ import raycluster  # noqa: E402,F401 - sets RAY_AUTH_MODE before ray is imported
 from raycluster.config import ServeConfig, load_config  # noqa: E402
 
 CONTEXT_FIELDS = ("user_id", "user_country", "user_skills", "hourly_rate", "tier", "hour", "device")
+ITEM_FIELDS = ("job_id", "job_category", "job_skills", "budget", "client_country", "position")
 
 
 def untrained_bundle(path: str) -> str:
@@ -57,16 +58,14 @@ def untrained_bundle(path: str) -> str:
 
 
 def rank_bodies(n_candidates: int, count: int = 8) -> list[dict[str, Any]]:
+    """`count` /rank bodies: one user's context and `n_candidates` jobs each."""
     from training import synth
 
     rows = synth.generate_shard(n_candidates * count, 7, 0, 1).to_pylist()
-    out = []
-    for k in range(count):
-        chunk = rows[k * n_candidates:(k + 1) * n_candidates]
-        ctx = {f: chunk[0][f] for f in CONTEXT_FIELDS}
-        cands = [{"id": f"job-{r['job_id']}", **{f: v for f, v in r.items() if f not in CONTEXT_FIELDS}} for r in chunk]
-        out.append({"context": ctx, "candidates": cands, "top_k": 10})
-    return out
+    chunks = [rows[k * n_candidates:(k + 1) * n_candidates] for k in range(count)]
+    return [{"context": {f: c[0][f] for f in CONTEXT_FIELDS},
+             "candidates": [{"id": f"job-{r['job_id']}", **{f: r[f] for f in ITEM_FIELDS}} for r in c], "top_k": 10}
+            for c in chunks]
 
 
 # ---------------------------------------------------------------- load generation
@@ -92,13 +91,14 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
 
 
 async def _client(port: int, reqs: list[bytes], start: float, stop: float, lat: list[float],
-                  codes: collections.Counter, k: int) -> None:
+                  codes: collections.Counter, done: list[int], k: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = k
     while (t0 := time.perf_counter()) < stop:
         writer.write(reqs[i % len(reqs)])
         i += 1
         status, close = await _response(reader)
+        done[0] += 1
         if t0 >= start:  # requests begun in the warm-up are not counted
             lat.append(time.perf_counter() - t0)
             codes[status] += 1
@@ -108,45 +108,67 @@ async def _client(port: int, reqs: list[bytes], start: float, stop: float, lat: 
     writer.close()
 
 
-def http_load(port: int, bodies: list[bytes], clients: int, duration: float, warmup: float) -> dict[str, Any]:
+def http_load(port: int, bodies: list[bytes], clients: int, duration: float, warmup: float,
+              pids: list[int]) -> dict[str, Any]:
     reqs = [(f"POST /rank HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
              f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
     lat: list[float] = []
     codes: collections.Counter = collections.Counter()
+    done = [0]  # all completed requests, warm-up included: the CPU figure covers them too
 
     async def run() -> None:
         start = time.perf_counter() + warmup
-        await asyncio.gather(*[_client(port, reqs, start, start + duration, lat, codes, k) for k in range(clients)])
+        await asyncio.gather(*[_client(port, reqs, start, start + duration, lat, codes, done, k) for k in range(clients)])
 
+    cpu0 = _cpu_seconds(pids)
     asyncio.run(run())
-    return _summary(lat, duration, codes)
+    return {**_summary(lat, duration, codes), "cpu_ms": (_cpu_seconds(pids) - cpu0) / max(done[0], 1) * 1000}
 
 
-def inprocess_load(fn: Any, args: list[Any], clients: int, duration: float, warmup: float) -> dict[str, Any]:
+def inprocess_load(scorer: Any, cols: list[dict[str, list[Any]]], clients: int, duration: float,
+                   warmup: float) -> dict[str, Any]:
+    """`clients` requests scored per call, as one ideal batch: the floor under any server's cost."""
     lat: list[float] = []
+    parts = [cols[k % len(cols)] for k in range(clients)]
     start = time.perf_counter() + warmup
-    stop = start + duration
+    cpu0, calls = time.process_time(), 0
+    while (t0 := time.perf_counter()) < start + duration:
+        scorer.score_parts(parts)
+        calls += 1
+        if t0 >= start:
+            lat += [time.perf_counter() - t0] * clients
+    return {**_summary(lat, duration, collections.Counter({200: len(lat)})),
+            "cpu_ms": (time.process_time() - cpu0) / (calls * clients) * 1000}
 
-    def loop(k: int) -> None:
-        i = k
-        while (t0 := time.perf_counter()) < stop:
-            fn(args[i % len(args)])
-            i += 1
-            if t0 >= start:
-                lat.append(time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return _summary(lat, duration, collections.Counter({200: len(lat)}))
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes (Linux /proc), so cost per request can be compared on a busy machine."""
+    total = 0.0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+    return total
+
+
+def _serve_pids() -> list[int]:
+    """The Serve proxy and replica processes: children of this Ray's raylet (private API; [] if it moved)."""
+    import ray
+
+    try:
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    except (AttributeError, KeyError, IndexError, OSError):
+        return []
+    rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
+    return [int(p) for p, pp, a in rows if int(pp) == raylet and a.startswith(("ray::ProxyActor", "ray::ServeReplica"))]
 
 
 def _summary(lat: list[float], duration: float, codes: collections.Counter) -> dict[str, Any]:
-    ms = np.array(lat) * 1000
-    return {"qps": len(lat) / duration, "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-            "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+    p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99]) if lat else (float("nan"),) * 2
+    return {"qps": len(lat) / duration, "p50": float(p50), "p99": float(p99),
             "errors": sum(n for c, n in codes.items() if c != 200)}
 
 
@@ -155,16 +177,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_healthy(port: int, timeout: float = 120.0) -> None:
-    from serving.client import healthy
-
-    deadline = time.time() + timeout
-    while not healthy(f"http://127.0.0.1:{port}"):
-        if time.time() > deadline:
-            raise RuntimeError(f"server on port {port} did not become healthy")
-        time.sleep(0.3)
 
 
 def serve_bare(bundle: str, port: int) -> None:
@@ -196,65 +208,61 @@ def serve_bare(bundle: str, port: int) -> None:
 
 
 def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict[str, Any]]:
-    bodies = rank_bodies(args.candidates)
-    raw = [json.dumps(b).encode() for b in bodies]
-    res: dict[tuple[str, int], dict[str, Any]] = {}
-
-    from serving.core import Scorer
-    from serving.schema import Schema
-
-    scorer = Scorer(bundle)
-    schema = Schema(scorer.pp, 1000)
-    cols = [schema.rank_request(b)[0] for b in bodies]
-    for c in args.concurrency:
-        res["in-process", c] = inprocess_load(scorer.score, cols, c, args.duration, args.warmup)
-        _report_point("in-process", c, res["in-process", c])
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), "--model", bundle])
-    try:
-        _wait_healthy(port)
-        for c in args.concurrency:
-            res["bare", c] = http_load(port, raw, c, args.duration, args.warmup)
-            _report_point("bare", c, res["bare", c])
-    finally:
-        proc.terminate()
-        proc.wait()
-
     import ray
     from ray import serve
 
     from serving.app import build_app
+    from serving.client import wait_healthy
+    from serving.core import Scorer
+    from serving.schema import Schema
 
+    bodies = rank_bodies(args.candidates)
+    raw = [json.dumps(b).encode() for b in bodies]
+    res: dict[tuple[str, int], dict[str, Any]] = {}
+    scorer = Scorer(bundle)
+    cols = [Schema(scorer.pp, 1000).rank_request(b)[0] for b in bodies]
+    for c in args.concurrency:
+        res["in-process", c] = inprocess_load(scorer, cols, c, args.duration, args.warmup)
+        _report_point("in-process", c, res["in-process", c])
+
+    # both servers up at once and measured alternately, so a neighbour's load hits both alike
+    bare_port, serve_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port), "--model", bundle])
     ray.init(include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(bundle, ServeConfig()), name="rankray", route_prefix="/")
     try:
-        _wait_healthy(port)
+        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+        serve.run(build_app(bundle, ServeConfig()), name="rankray", route_prefix="/")
+        wait_healthy(f"http://127.0.0.1:{bare_port}")
+        wait_healthy(f"http://127.0.0.1:{serve_port}")
+        targets = [("bare", bare_port, [proc.pid]), ("serve", serve_port, _serve_pids())]
         for c in args.concurrency:
-            res["serve", c] = http_load(port, raw, c, args.duration, args.warmup)
-            _report_point("serve", c, res["serve", c])
+            for name, port, pids in targets:
+                res[name, c] = http_load(port, raw, c, args.duration, args.warmup, pids)
+                _report_point(name, c, res[name, c])
     finally:
+        proc.terminate()
+        proc.wait()
         serve.shutdown()
         ray.shutdown()
     return res
 
 
 def _report_point(name: str, c: int, r: dict[str, Any]) -> None:
-    print(f"  {name:<10} c={c:<3} {r['qps']:8.1f} QPS  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms"
-          f"  non-200 {r['errors']}", flush=True)
+    print(f"  {name:<10} c={c:<3} {r['qps']:8.1f} QPS  p50 {r['p50']:7.2f}  p99 {r['p99']:7.2f} ms  CPU {r['cpu_ms']:5.2f}"
+          f" ms/req  non-200 {r['errors']}  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def print_table(res: dict[tuple[str, int], dict[str, Any]], conc: list[int]) -> None:
-    print(f"\n{'clients':>7} | {'in-process QPS':>14} | {'bare QPS':>8} {'p50':>7} {'p99':>7} | "
-          f"{'serve QPS':>9} {'p50':>7} {'p99':>7} | {'serve/bare QPS':>14} {'p99':>6}")
+    head = f"{'QPS':>7} {'p50':>6} {'p99':>6} {'CPU':>5}"
+    print(f"\n{'clients':>7} | {'in-process, c per batch':^27} | {'bare FastAPI/uvicorn':^27} | "
+          f"{'Ray Serve (rankray)':^27} | serve/bare")
+    print(f"{'':>7} | {head} | {head} | {head} | {'QPS':>5} {'p99':>5}")
     for c in conc:
-        a, b, s = res["in-process", c], res["bare", c], res["serve", c]
-        print(f"{c:>7} | {a['qps']:>14.1f} | {b['qps']:>8.1f} {b['p50']:>7.1f} {b['p99']:>7.1f} | "
-              f"{s['qps']:>9.1f} {s['p50']:>7.1f} {s['p99']:>7.1f} | {s['qps'] / b['qps']:>14.2f} "
-              f"{s['p99'] / b['p99']:>6.2f}")
-    print("(latencies in ms; in-process = validation + transform + forward on threads, no HTTP/JSON)")
+        cells = [f"{r['qps']:>7.1f} {r['p50']:>6.1f} {r['p99']:>6.1f} {r['cpu_ms']:>5.2f}"
+                 for r in (res[name, c] for name in ("in-process", "bare", "serve"))]
+        b, s = res["bare", c], res["serve", c]
+        print(f"{c:>7} | " + " | ".join(cells) + f" | {s['qps'] / b['qps']:>5.2f} {s['p99'] / b['p99']:>5.2f}")
+    print("latency in ms; CPU = server-side CPU ms per request (Serve: proxy + replica; in-process: this process)")
 
 
 def main(argv: list[str] | None = None) -> int:

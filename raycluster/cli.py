@@ -117,6 +117,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.run import run_server
+
+    cfg = _config(args) if args.config else None
+    run_server(args.model, cfg.serve if cfg else None, cfg, host=args.host, port=args.port, wait=not args.no_wait)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rankray", description="Train, tune and serve a ranking model on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/evaluation)")
     ev.set_defaults(fn=cmd_evaluate)
+    sv = sub.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (/rank, /predict, /model, /docs)")
+    sv.add_argument("--model", required=True, help="bundle directory (local or s3://)")
+    sv.add_argument("--config", default=None, help="config YAML whose serve section is used (default: the bundle's)")
+    sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sv.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port, 8000)")
+    sv.add_argument("--no-wait", action="store_true",
+                    help="return once healthy (the app outlives this command only on a long-running cluster)")
+    sv.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -115,6 +115,7 @@ class DataConfig(_Strict):
     generate: GenerateConfig | None = None  # make `source` with the synthetic generator if missing
     s3: S3Config = Field(default_factory=S3Config)
     batch_size: int = Field(default=8192, ge=1)
+    materialize: Literal["auto", "true", "false"] = "auto"  # keep encoded splits in the object store
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:
@@ -147,8 +148,10 @@ class TrainConfig(_Strict):
     optimizer: Literal["adam", "adagrad", "sparse_adam"] = "adam"
     lr: float = Field(default=5e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=2048, ge=1)
+    batch_size: int = Field(default=2048, ge=1)  # global: split across workers
     epochs: int = Field(default=5, ge=1)
+    # logs usually arrive in time order; mixing ~a day of rows keeps batches from being all one hour
+    shuffle_buffer: int = Field(default=65536, ge=0)
     evals_per_epoch: int = Field(default=2, ge=1)  # deep CTR models peak within an epoch: look twice
     patience: int = Field(default=2, ge=1)  # evaluations without a better valid AUC before stopping
     grad_clip: float | None = Field(default=10.0, gt=0)
@@ -210,16 +213,18 @@ class Config(_Strict):
 
 
 # ---------------------------------------------------------------- loading
+_PLAIN = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
+    """One line per error, each starting with the dotted key path (e.g. `train.lr: ...`)."""
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "tagged-union")))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {path or '(top level)'}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e.get("input"), dict) else ""))
+        line = f"  {path or '(top level)'}: {_PLAIN.get(e['type'], e['msg'])}"
+        if e["type"] not in _PLAIN and not isinstance(e.get("input"), dict):
+            line += f" (got {e['input']!r})"
+        lines.append(line)
     return f"invalid config {origin}:\n" + "\n".join(lines)
 
 

@@ -58,7 +58,9 @@ class Ranker:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _score_batch(self, parts: list[dict[str, list[Any]]]) -> list[np.ndarray | RequestError]:
-        # kept off the routes: @serve.batch on a FastAPI route makes FastAPI expect a `requests` query field
+        # kept off the routes: @serve.batch on a FastAPI route makes FastAPI expect a `requests` query field.
+        # Scored inline on the replica's loop: a worker thread let requests trickle in one by one and
+        # measured ~1.5 requests per batch instead of ~6 at 16 clients, at twice the CPU per request.
         return self.scorer.score_parts(parts)
 
     @api.post("/rank", summary="Rank candidates for one context", openapi_extra=_body_doc(RankRequest),
@@ -111,6 +113,7 @@ def build_app(bundle_path: str, serve_cfg: ServeConfig | None = None, loader: Ca
         # Serve's default of 5 would cap each batch at 5 requests and starve it under load
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},  # beyond the queue: 503 + Retry-After
         ray_actor_options={"num_cpus": num_cpus},
     ).bind(bundle_path, cfg.model_dump(), loader)
 

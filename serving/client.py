@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -63,3 +64,12 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    """Poll /healthz until it answers 200; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not healthy(url):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout:.0f} s")
+        time.sleep(0.3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -89,10 +90,21 @@ class Scorer:
             "version": self.version,
             "created_at": self.meta.get("created_at"),
             "model": getattr(getattr(cfg, "model", None), "name", None),
-            "metrics": self.meta.get("metrics", {}),
+            "metrics": _finite(self.meta.get("metrics", {})),
             "features": [{"name": f.name, "type": f.type, "field": f.column} for f in self.pp.spec.features],
             "self_check_max_diff": self.self_check_diff,
         }
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf -> None: the answer must stay strict JSON (training metrics can be NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 class Service:

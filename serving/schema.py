@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from raycluster.config import CategoricalFeature, MultiHotFeature, NumericFeature
+from raycluster.config import CategoricalFeature, MultiHotFeature
 from training.features import Preprocessor
 
 MISSING = object()
@@ -107,10 +107,11 @@ def _value_error(col: Column, v: Any) -> str | None:
             if t not in (str, int, bool) and not (t is float and col.float_ok):
                 return f"must be a string, integer or boolean, got {_type_name(v)}"
         elif t is list:  # multi_hot
-            bad = next((x for x in v if type(x) not in (str, int) or (type(x) is int and not INT64[0] <= x <= INT64[1])),
-                       MISSING)
+            bad = next((x for x in v if type(x) not in (str, int)), MISSING)
             if bad is not MISSING:
                 return f"list items must be strings or integers, got {_type_name(bad)}"
+            if any(type(x) is int and not INT64[0] <= x <= INT64[1] for x in v):
+                return "list item integer out of the 64-bit range"
         elif t not in (str, int):
             return f"must be a list of strings or integers, or a string, got {_type_name(v)}"
     return None
@@ -223,7 +224,8 @@ class Schema:
         if type(context) is not dict:
             raise RequestError(422, f"context: must be an object, got {_type_name(context)}")
         items = self._items(body, "candidates")
-        top_k = body.get("top_k", len(items))
+        top_k = body.get("top_k")
+        top_k = len(items) if top_k is None else top_k
         if type(top_k) is not int or top_k < 1:
             raise RequestError(422, f"top_k: must be an integer >= 1, got {top_k!r}")
         ids = [x.get("id") for x in items]

@@ -43,7 +43,7 @@ class Collate(ArrowBatchCollateFn):
         out = {"x_cat": torch.from_numpy(cat), "x_num": torch.from_numpy(num)}
         for c in self.extras:
             if c in t.column_names:
-                out[c] = torch.from_numpy(t.column(c).to_numpy())
+                out[c] = torch.from_numpy(t.column(c).combine_chunks().to_numpy(zero_copy_only=False, writable=True))
         if self.pin:
             out = {k: v.pin_memory() for k, v in out.items()}
         return out
@@ -204,14 +204,16 @@ def train_loop(config: dict) -> None:
     if state.starts[-1] > 0:
         log(f"resumed from the checkpoint of epoch {state.epoch}")
 
-    steps_per_epoch = max(1, config["train_rows"] // ctx.get_world_size() // t.batch_size)
+    # train.batch_size is the global batch: results do not change with the number of workers
+    batch = max(1, t.batch_size // ctx.get_world_size())
+    steps_per_epoch = max(1, config["train_rows"] // ctx.get_world_size() // batch)
     mid_evals = {round(k * steps_per_epoch / t.evals_per_epoch) for k in range(1, t.evals_per_epoch)}
 
     def evaluate(at: float) -> dict[str, float]:
         """Valid metrics over all workers' rows; keeps the best weights. Same result on every rank."""
         nonlocal best
         metrics = metrics_of(gather(predict(model, ray.train.get_dataset_shard("valid"), collate,
-                                            t.batch_size * 4, device, autocast)), "valid")
+                                            batch * 4, device, autocast)), "valid")
         if metrics["valid_auc"] > state.best_auc:
             state.best_auc, state.best_epoch, state.bad_epochs = metrics["valid_auc"], at, 0
             best = _weights(model)
@@ -225,8 +227,9 @@ def train_loop(config: dict) -> None:
         shard = ray.train.get_dataset_shard("train")
         t0, seen, total_loss, steps = time.time(), 0, 0.0, 0
         tick, tick_seen = t0, 0
-        for b in shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate, device="cpu",
-                                          prefetch_batches=2):
+        for b in shard.iter_torch_batches(batch_size=batch, collate_fn=collate, device="cpu", prefetch_batches=2,
+                                          local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                          local_shuffle_seed=t.seed + epoch if t.shuffle_buffer else None):
             x_cat = b["x_cat"].to(device, non_blocking=True)
             x_num = b["x_num"].to(device, non_blocking=True)
             y = b[LABEL].to(device, non_blocking=True)
@@ -267,7 +270,7 @@ def train_loop(config: dict) -> None:
     # test with the best weights, over all workers' rows
     m = model.module if hasattr(model, "module") else model
     m.load_state_dict(best)
-    test = metrics_of(gather(predict(model, ray.train.get_dataset_shard("test"), collate, t.batch_size * 4,
+    test = metrics_of(gather(predict(model, ray.train.get_dataset_shard("test"), collate, batch * 4,
                                      device, autocast)), "test")
     log(" ".join(f"{k} {v:.4f}" for k, v in test.items()))
     rss = gather({"rss": np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])})["rss"]

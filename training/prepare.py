@@ -20,6 +20,7 @@ from training import storage
 from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset
 from training.features import DataError, Preprocessor, numeric_transform, raw_values
 
+MATERIALIZE_FRACTION = 0.25  # of the free object store: leave room for Ray Data's own blocks
 NULL = "\u2400null"  # no NUL byte: numpy->Arrow string conversion stops at one
 _LABEL = "\u2400label"
 _ROWS = "\u2400rows"
@@ -251,8 +252,8 @@ def _samples(ds: ray.data.Dataset, cfg: Config, n: int = 8) -> list[dict]:
 
 def fingerprint(cfg: Config) -> str:
     """What the prepared data depends on: the data and features sections."""
-    blob = json.dumps({"data": cfg.data.model_dump(mode="json"), "features": cfg.features.model_dump(mode="json")},
-                      sort_keys=True)
+    data = cfg.data.model_dump(mode="json", exclude={"materialize", "batch_size"})  # no effect on the output
+    blob = json.dumps({"data": data, "features": cfg.features.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -285,10 +286,22 @@ def ensure_prepared(cfg: Config, force: bool = False) -> dict:
     return {**res, "reused": False}
 
 
-def encoded_datasets(encoded_dir: str, cfg: Config) -> dict[str, ray.data.Dataset]:
-    """The cached encoded splits as streaming datasets."""
+def encoded_datasets(encoded_dir: str, cfg: Config, prep: dict | None = None) -> dict[str, ray.data.Dataset]:
+    """The cached encoded splits: materialized in the object store when they fit (`data.materialize`),
+    so every epoch after the first reads shared memory instead of Parquet; streamed otherwise."""
     fs, inner = storage.filesystem(encoded_dir, s3_options(cfg))
-    return {name: ray.data.read_parquet(f"{inner}/split={name}", filesystem=fs) for name in SPLIT_NAMES}
+    out = {name: ray.data.read_parquet(f"{inner}/split={name}", filesystem=fs) for name in SPLIT_NAMES}
+    if prep is not None and _materialize(cfg, prep):
+        out = {k: v.materialize() for k, v in out.items()}
+    return out
+
+
+def _materialize(cfg: Config, prep: dict) -> bool:
+    if cfg.data.materialize != "auto":
+        return cfg.data.materialize == "true"
+    pp = prep["preprocessor"]
+    est = prep["profile"]["rows"] * (len(pp.cat_columns) + len(pp.num_columns) + 3) * 4
+    return est < MATERIALIZE_FRACTION * ray.available_resources().get("object_store_memory", 0)
 
 
 def prepare(cfg: Config, out_dir: str | None = None) -> dict:

@@ -40,13 +40,17 @@ SKILLS = pa.array([f"skill_{k:02d}" for k in range(len(CATEGORIES) * SKILLS_PER_
 TIERS = pa.array(["new", "rising", "top"])
 DEVICES = pa.array(["web", "ios", "android"])
 
-# Logit weights, tuned so the Bayes AUC lands around 0.8-0.88 and every term carries signal.
-W_OVERLAP = 1.0
-W_FIT = 0.6
+# Logit weights: Bayes AUC ~0.81 on the test split, and most of the signal sits in terms a model can learn
+# from the features (rate-budget fit, country/tier x category, popularity, position), so DCNv2 on 1M rows
+# reaches ~0.92 of the Bayes lift while logistic regression (no crosses) stays ~0.08 AUC behind. Skill
+# overlap and the user x job latent dot product are kept small: from mean-pooled skill bags and ~30 rows
+# per user they are barely learnable, and a large latent term capped DCNv2 at ~0.66 of the Bayes lift.
+W_OVERLAP = 0.5
+W_FIT = 1.6
 W_POP = 0.35
 W_POSITION = 0.08
 AFFINITY_SD = 0.45
-LATENT_SD = 0.6  # per coordinate: dot product sd ~ 0.6**2 * sqrt(8) ~ 1.0
+LATENT_SD = 0.2  # per coordinate: dot product sd ~ 0.2**2 * sqrt(8) ~ 0.11
 
 
 def _zipf(n: int, a: float) -> np.ndarray:

@@ -92,7 +92,7 @@ def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None =
     prep = ensure_prepared(cfg)
     pp = prep["preprocessor"]
     name = run_name or cfg.run.name
-    trainer = make_trainer(cfg, pp, encoded_datasets(prep["encoded"], cfg), name,
+    trainer = make_trainer(cfg, pp, encoded_datasets(prep["encoded"], cfg, prep), name,
                            prep["profile"]["rows_by_split"]["train"])
     result = trainer.fit()
     if result.error:
