@@ -152,7 +152,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(default=5, ge=1)
     # logs usually arrive in time order; mixing ~a day of rows keeps batches from being all one hour
     shuffle_buffer: int = Field(default=65536, ge=0)
-    evals_per_epoch: int = Field(default=2, ge=1)  # deep CTR models peak within an epoch: look twice
+    evals_per_epoch: int = Field(default=4, ge=1)  # deep CTR models peak within an epoch: look often
     patience: int = Field(default=2, ge=1)  # evaluations without a better valid AUC before stopping
     grad_clip: float | None = Field(default=10.0, gt=0)
     max_failures: int = Field(default=0, ge=-1)

@@ -53,9 +53,9 @@ def test_two_workers_beat_logreg_and_report_exact_metrics(gen_1m, tmp_path):
     assert m["test_rows"] == prep["profile"]["rows_by_split"]["test"]
     assert 0.5 < m["test_bayes_auc"] < 1 and m["test_bayes_ratio"] == pytest.approx(
         (m["test_auc"] - 0.5) / (m["test_bayes_auc"] - 0.5))
-    # The issue's target is 0.9; 2 epochs on 1M rows measure 0.82-0.85 here (see the issue note).
-    # 0.75 still fails a model that learns only first-order effects (logreg is checked below).
-    assert m["test_bayes_ratio"] >= 0.75, m["test_bayes_ratio"]
+    # Measured 0.901 and 0.908 here (target 0.9); 0.88 leaves room for run-to-run noise while still
+    # failing any model that misses the crosses (logreg measures ~0.61 on the same split).
+    assert m["test_bayes_ratio"] >= 0.88, m["test_bayes_ratio"]
     base = train(_cfg(gen_1m, tmp_path, name="lr", **{"epochs": 2}).model_copy(
         update={"model": cfg.model.model_copy(update={"name": "logreg"})}), write_bundle=False)
     assert m["test_auc"] > base.metrics["test_auc"] + 0.005, (m["test_auc"], base.metrics["test_auc"])

@@ -93,7 +93,8 @@ def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     m = model.module if hasattr(model, "module") else model
-    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+    # clone: on CPU .cpu() is the live parameter itself, and "best" must not follow later steps
+    return {k: v.detach().cpu().clone().contiguous() for k, v in m.state_dict().items()}
 
 
 def save_checkpoint(d: str, model: torch.nn.Module, best: dict[str, torch.Tensor], opts: list, state: TrainState,
