@@ -115,7 +115,7 @@ class DataConfig(_Strict):
     generate: GenerateConfig | None = None  # make `source` with the synthetic generator if missing
     s3: S3Config = Field(default_factory=S3Config)
     batch_size: int = Field(default=8192, ge=1)
-    materialize: Literal["auto", "true", "false"] = "auto"  # keep encoded splits in the object store
+    materialize: Literal["auto"] | bool = "auto"  # keep encoded splits in the object store
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:

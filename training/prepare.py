@@ -298,7 +298,7 @@ def encoded_datasets(encoded_dir: str, cfg: Config, prep: dict | None = None) ->
 
 def _materialize(cfg: Config, prep: dict) -> bool:
     if cfg.data.materialize != "auto":
-        return cfg.data.materialize == "true"
+        return bool(cfg.data.materialize)
     pp = prep["preprocessor"]
     est = prep["profile"]["rows"] * (len(pp.cat_columns) + len(pp.num_columns) + 3) * 4
     return est < MATERIALIZE_FRACTION * ray.available_resources().get("object_store_memory", 0)
