@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import ray.train
 import ray.train.torch
@@ -223,6 +224,7 @@ def train_loop(config: dict) -> None:
         log(f"eval at epoch {at:.2f}: valid AUC {metrics['valid_auc']:.4f} (best {state.best_auc:.4f})")
         return metrics
 
+    peak_uss = 0  # private memory: RSS also counts object-store pages the worker has read through
     while state.epoch < t.epochs and state.bad_epochs < t.patience:
         epoch = state.epoch + 1
         shard = ray.train.get_dataset_shard("train")
@@ -249,6 +251,7 @@ def train_loop(config: dict) -> None:
             seen += len(y)
             total_loss += float(loss.detach())
             if steps % t.log_every == 0:
+                peak_uss = max(peak_uss, psutil.Process().memory_full_info().uss)
                 now = time.time()
                 log(f"epoch {epoch} step {steps} loss {total_loss / steps:.4f} "
                     f"samples/s {(seen - tick_seen) / max(now - tick, 1e-9):,.0f} (rank 0)")
@@ -274,8 +277,11 @@ def train_loop(config: dict) -> None:
     test = metrics_of(gather(predict(model, ray.train.get_dataset_shard("test"), collate, batch * 4,
                                      device, autocast)), "test")
     log(" ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    rss = gather({"rss": np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])})["rss"]
-    final = {**test, "worker_peak_rss_mb": float(rss.max()), "best_valid_auc": state.best_auc,
+    peak_uss = max(peak_uss, psutil.Process().memory_full_info().uss)
+    mem = gather({"rss": np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0]),
+                  "uss": np.array([peak_uss / 2**20])})
+    final = {**test, "worker_peak_rss_mb": float(mem["rss"].max()), "worker_peak_uss_mb": float(mem["uss"].max()),
+             "best_valid_auc": state.best_auc,
              "best_epoch": state.best_epoch, "epochs_run": state.epoch,
              "stopped_early": state.epoch < t.epochs, "done": True, "history": json.dumps(state.history),
              "starts": json.dumps(state.starts)}
