@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 import safetensors
-import safetensors.torch
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import save as tensors_to_bytes
 import torch
 
 from raycluster.config import Config, dump_config, load_config, parse_yaml
@@ -106,7 +107,7 @@ def save_bundle(path: str, cfg: Config, pp: Preprocessor, model: torch.nn.Module
         "config.yaml": dump_config(cfg).encode(),
         "preprocessor.json": pp.to_json().encode(),
         "arch.json": _dumps(arch, "arch.json"),
-        "weights.safetensors": safetensors.torch.save(state),
+        "weights.safetensors": tensors_to_bytes(state),
         "metrics.json": _dumps({"metrics": metrics, "info": info}, "metrics.json"),
         "samples.json": _dumps({"rows": rows, "scores": scores.tolist()}, "samples.json"),
     }
@@ -223,7 +224,7 @@ def load_bundle(path: str, s3: S3Options | None = None) -> tuple[Preprocessor, t
         _check_arch(pp, arch)
         model = model_from_arch(arch)
         name = "weights.safetensors"
-        model.load_state_dict(safetensors.torch.load(blobs[name]), strict=True)
+        model.load_state_dict(tensors_from_bytes(blobs[name]), strict=True)
         name = "metrics.json"
         metrics = json.loads(blobs[name])["metrics"]
         name = "samples.json"

@@ -157,7 +157,8 @@ def _check_schema(schema: pa.Schema, cfg: Config, where: str) -> None:
 
 
 def _with_joins(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, pa.Schema]:
-    schema = ds.schema().base_schema if hasattr(ds.schema(), "base_schema") else ds.schema()
+    schema = ds.schema()  # one call: for CSV it reads a file to infer the types
+    schema = schema.base_schema if hasattr(schema, "base_schema") else schema
     sides = []
     for j in cfg.data.joins:
         side = _read_side_table(j.path, cfg)
