@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# the whole job on the embedded default: generate 1M rows, prepare, search, gate, deploy, smoke request;
+# serves until Ctrl-C (ARGS=--no-wait to exit after the smoke request)
 demo: $(STAMP)
-	$(VENV)/bin/rankray prepare --config configs/demo.yaml
-	$(VENV)/bin/rankray train --config configs/demo.yaml
+	$(VENV)/bin/rankray pipeline --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

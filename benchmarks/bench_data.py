@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/demo.yaml", help="feature spec used for fit + encode")
     ap.add_argument("--shards", type=int, default=16)
     args = ap.parse_args(argv)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         g = generate(args.rows, args.out, seed=0, shards=args.shards)

@@ -228,7 +228,7 @@ def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict
     # both servers up at once and measured alternately, so a neighbour's load hits both alike
     bare_port, serve_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port), "--model", bundle])
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
         serve.run(build_app(bundle, ServeConfig()), name="rankray", route_prefix="/")

@@ -92,6 +92,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raycluster.rayinit import ensure_ray
+    from tune.search import format_table, run_search
+    from tune.space import parse_space
+
+    cfg = _config(args)
+    parse_space(cfg)  # a bad search space fails before Ray starts
+    ensure_ray(cfg, job_name=f"{cfg.run.name}-tune")
+    res = run_search(cfg, restart=args.restart, export_path=args.out)
+    w = res.winner
+    print("\n" + format_table(res.table))
+    print(f"\nwinner {w['trial_id']} {json.dumps(w['params'])}: valid AUC {w['best_valid_auc']:.4f}, "
+          f"test AUC {w['test']['test_auc']:.4f} ({res.seconds:.0f} s)")
+    print(f"bundle: {res.bundle}\nresults: {res.results_csv}, {res.results_html}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from raycluster.pipeline import GateError, run_pipeline
+    from tune.space import parse_space
+
+    cfg = _config(args)
+    parse_space(cfg)  # a bad search space fails before any work starts
+    _save_config(cfg, cfg.run_dir)
+    try:
+        run_pipeline(cfg, wait=not args.no_wait, restart_search=args.restart)
+    except GateError as e:
+        print(f"gate: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from raycluster.config import config_with
     from raycluster.rayinit import ensure_ray
@@ -147,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("prepare", cmd_prepare, "validate, split, fit the preprocessor and encode the data")
     tr = with_config("train", cmd_train, "train one model on Ray Train and write its bundle")
     tr.add_argument("--out", default=None, help="bundle path (default: RUN_DIR/model)")
+    tu = with_config("tune", cmd_tune, "search hyperparameters (Ray Tune + Optuna + ASHA); export the winner")
+    tu.add_argument("--out", default=None, help="winner bundle path (default: tune.export_path, else RUN_DIR/winner)")
+    tu.add_argument("--restart", action="store_true", help="discard an interrupted search of this run name")
+    pl = with_config("pipeline", cmd_pipeline, "the whole job: prepare, tune, evaluate, gate, deploy, smoke request")
+    pl.add_argument("--no-wait", action="store_true", help="exit after the smoke request instead of serving")
+    pl.add_argument("--restart", action="store_true", help="discard an interrupted search of this run name")
     ev = sub.add_parser("evaluate", help="score a split with a bundle; write report.html + metrics.json")
     ev.add_argument("--model", required=True, help="bundle directory (local or s3://)")
     ev.add_argument("--data", default=None, help="a config YAML (its data section) or a data path (scored whole)")

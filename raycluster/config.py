@@ -156,7 +156,7 @@ class TrainConfig(_Strict):
     patience: int = Field(default=2, ge=1)  # evaluations without a better valid AUC before stopping
     grad_clip: float | None = Field(default=10.0, gt=0)
     max_failures: int = Field(default=0, ge=-1)
-    storage_path: str = "runs/checkpoints"
+    storage_path: str | None = None  # checkpoints (local or s3://); default RUN_DIR/checkpoints
     seed: int = 0
     log_every: int = Field(default=100, ge=1)
 
@@ -168,7 +168,13 @@ class TuneConfig(_Strict):
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=2, ge=2)
     seed: int = 0
-    export_path: str = "runs/winner"
+    export_path: str | None = None  # winner bundle (local or s3://); default RUN_DIR/winner
+
+
+class PipelineConfig(_Strict):
+    min_test_auc: float = Field(default=0.55, ge=0, le=1)  # the gate: below this the winner is not deployed
+    baseline: bool = True  # also train `logreg` on the same split; the winner must beat it to be deployed
+    deploy: bool = True  # deploy the winner on Serve and send a smoke request
 
 
 class ServeConfig(_Strict):
@@ -206,6 +212,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @property
     def run_dir(self) -> str:
@@ -236,6 +243,12 @@ _Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag
                                    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+
+
+# YAML 1.2 floats too: `lr: 1e-5` is a number (YAML 1.1 wants `1.0e-5` and would give the string '1e-5')
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:

@@ -21,7 +21,7 @@ log = logging.getLogger("rankray")
 def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None) -> str:
     """Start or join Ray once per process; returns the dashboard URL (or '' without one)."""
     if ray.is_initialized():
-        return _dashboard_url()
+        return dashboard_url()
     rc = cfg.ray if cfg else None
     address = (rc.address if rc else None) or os.environ.get("RAY_ADDRESS")
     # The driver's own log lines are enough; Ray's progress bars stay on for Data and Tune.
@@ -31,14 +31,15 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None) -> str
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=rc.num_cpus if rc else None,
+        # "local": always a new local Ray, never a stale or unrelated `ray start` cluster on the machine
+        ray.init(address="local", num_cpus=rc.num_cpus if rc else None,
                  include_dashboard=rc.include_dashboard if rc else False,
                  dashboard_host=rc.dashboard_host if rc else "127.0.0.1",
                  dashboard_port=rc.dashboard_port if rc else 8265, **kwargs)
-    return _dashboard_url()
+    return dashboard_url()
 
 
-def _dashboard_url() -> str:
+def dashboard_url() -> str:
     try:
         url = ray.get_runtime_context().worker.node.address_info.get("webui_url") or ""
     except AttributeError:

@@ -55,13 +55,19 @@ def run_server(bundle: str, serve_cfg: ServeConfig | None = None, cfg: Config | 
             from None
     print(f"rankray is serving {bundle} at {url}  (API docs: {url}/docs)")
     print(curl_line(url, body, serve_cfg.api_key_env), flush=True)
-    if not wait:
-        return url
-    print("Ctrl-C to stop", flush=True)
+    if wait:
+        serve_until_interrupted()
+    return url
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process (and the local Ray it started) up until Ctrl-C, then remove the app."""
+    from ray import serve
+
+    print("serving until Ctrl-C", flush=True)
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         serve.delete("rankray")
         print("stopped", flush=True)
-    return url

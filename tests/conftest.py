@@ -1,9 +1,15 @@
 """Shared fixtures: one local Ray per test module, a moto S3 server on loopback, small datasets."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -45,10 +51,40 @@ def ray_local(s3_server: str) -> Iterator[None]:
     """Ray started after the S3 server so its workers inherit the AWS_* variables."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
     yield
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
+    """A real head node started with the `ray` CLI (dashboard on 127.0.0.1, token auth on). `--block`
+    keeps it tied to one process group, so teardown stops this cluster only (`ray stop` would stop
+    every Ray on the machine). RAY_ADDRESS in the node's environment lets Ray's own helpers inside the
+    cluster (e.g. Train's placement-group cleaner) find it even when another Ray runs on the machine."""
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120  # the job agent comes up a little after the head
+        cli_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        while subprocess.run([ray_bin, "job", "list", "--address", address], env=cli_env,
+                             capture_output=True, timeout=60).returncode != 0:
+            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(2)
+        yield {"gcs": f"127.0.0.1:{port}", "address": address, "env": cli_env, "bin": ray_bin}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _free_port() -> int:

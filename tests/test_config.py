@@ -71,3 +71,10 @@ def test_cli_bad_config_fails_before_any_work(tmp_path, capsys):
     assert main(["prepare", "--config", str(p)]) == 2
     assert "train.epocs: unknown key" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_yaml_12_numbers_and_booleans():
+    from raycluster.config import parse_yaml
+
+    v = parse_yaml("lr: 1e-5\nr: [1e-05, 2E3]\nk: on\nb: true")
+    assert v == {"lr": 1e-5, "r": [1e-5, 2000.0], "k": "on", "b": True}

@@ -203,7 +203,8 @@ def test_api_key(server, rows):
     http, key = server["http"], server["key"]
     body = _rank_body(rows, 3)
     assert http.post("/guarded/rank", json=body).status_code == 401
-    wrong = http.post("/guarded/rank", json=body, headers={"Authorization": "Bearer " + key[:-1] + "x"})
+    bad = key[:-1] + ("y" if key.endswith("x") else "x")  # one character off (never the key itself)
+    wrong = http.post("/guarded/rank", json=body, headers={"Authorization": "Bearer " + bad})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
     assert http.post("/guarded/rank", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
     assert http.get("/guarded/healthz").status_code == 200

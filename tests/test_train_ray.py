@@ -47,7 +47,7 @@ def test_two_workers_beat_logreg_and_report_exact_metrics(gen_1m, tmp_path):
     cfg = _cfg(gen_1m, tmp_path)
     deep = train(cfg)
     m = deep.metrics
-    assert m["done"] and m["epochs_run"] >= 1 and json.loads(m["starts"]) == [0]
+    assert m["final"] and m["epochs_run"] >= 1 and json.loads(m["starts"]) == [0]
     # metrics cover all test rows (both workers' shards), not rank 0's half
     prep = ensure_prepared(cfg)
     assert m["test_rows"] == prep["profile"]["rows_by_split"]["test"]

@@ -150,15 +150,43 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 
+CHUNK_ROWS = 32768  # rows per Ray Data batch (chunk), at least: a whole number of loop batches
+
+
+def _pinned_like(src: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if src.is_pinned() else t
+
+
+def iter_batches(shard: Any, collate: Collate, batch_size: int, shuffle_rows: int = 0,
+                 seed: int | None = None) -> Any:
+    """Batches of `batch_size` rows as tensors. Ray Data hands over chunks of many batches (one
+    collate and one round of Ray's per-batch work per chunk, not per batch), cut here into views.
+    With `shuffle_rows`, chunks hold at least that many rows and each chunk's rows are permuted
+    (seeded): the local shuffle, done as one tensor gather per chunk instead of a row-by-row take
+    over Arrow columns per batch. Only the last batch of the pass can be short, as before."""
+    rows = max(shuffle_rows, CHUNK_ROWS, batch_size)
+    chunk = -(-rows // batch_size) * batch_size
+    gen = torch.Generator().manual_seed(seed or 0) if shuffle_rows else None
+    for c in shard.iter_torch_batches(batch_size=chunk, collate_fn=collate, device="cpu", prefetch_batches=1):
+        n = len(c["x_cat"])
+        if gen is not None:
+            perm = torch.randperm(n, generator=gen)
+            c = {k: _pinned_like(v, v.index_select(0, perm)) for k, v in c.items()}  # ~5x faster than v[perm]
+        for s in range(0, n, batch_size):
+            yield {k: v[s:s + batch_size] for k, v in c.items()}
+
+
 def predict(model: torch.nn.Module, shard: Any, collate: Collate, batch_size: int, device: torch.device,
             autocast: Any) -> dict[str, np.ndarray]:
+    """Scores of every row of the shard, in compact dtypes (p float32): the valid split is scored
+    several times per epoch and its size grows with the data."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {"p": [], "y": [], "g": [], "o": []}
     with torch.no_grad():
-        for b in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu"):
+        for b in iter_batches(shard, collate, batch_size):
             with autocast():
                 logits = model(b["x_cat"].to(device, non_blocking=True), b["x_num"].to(device, non_blocking=True))
-            out["p"].append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64))
+            out["p"].append(torch.sigmoid(logits.float()).cpu().numpy())
             out["y"].append(b[LABEL].numpy())
             if GROUP in b:
                 out["g"].append(b[GROUP].numpy())
@@ -201,6 +229,7 @@ def train_loop(config: dict) -> None:
     state.starts.append(state.epoch)
     model = ray.train.torch.prepare_model(model) if ctx.get_world_size() > 1 or on_gpu else model
     collate = Collate(pp.cat_columns, pp.num_columns, [LABEL, GROUP, ORACLE], pin=on_gpu)
+    train_collate = Collate(pp.cat_columns, pp.num_columns, [LABEL], pin=on_gpu)  # steps need no group/oracle
     loss_fn = torch.nn.BCEWithLogitsLoss()
     log = (lambda msg: print(f"[rankray train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     if state.starts[-1] > 0:
@@ -211,9 +240,12 @@ def train_loop(config: dict) -> None:
     steps_per_epoch = max(1, config["train_rows"] // ctx.get_world_size() // batch)
     mid_evals = {round(k * steps_per_epoch / t.evals_per_epoch) for k in range(1, t.evals_per_epoch)}
 
+    eval_seconds = 0.0  # per epoch: evaluation time, kept out of train_seconds
+
     def evaluate(at: float) -> dict[str, float]:
         """Valid metrics over all workers' rows; keeps the best weights. Same result on every rank."""
-        nonlocal best
+        nonlocal best, eval_seconds
+        start = time.time()
         metrics = metrics_of(gather(predict(model, ray.train.get_dataset_shard("valid"), collate,
                                             batch * 4, device, autocast)), "valid")
         if metrics["valid_auc"] > state.best_auc:
@@ -222,17 +254,17 @@ def train_loop(config: dict) -> None:
         else:
             state.bad_epochs += 1
         log(f"eval at epoch {at:.2f}: valid AUC {metrics['valid_auc']:.4f} (best {state.best_auc:.4f})")
+        eval_seconds += time.time() - start
         return metrics
 
+    first_step_at = 0.0  # wall clock of this start's first step: fixed cost of a (trial) start
     peak_uss = 0  # private memory: RSS also counts object-store pages the worker has read through
     while state.epoch < t.epochs and state.bad_epochs < t.patience:
         epoch = state.epoch + 1
         shard = ray.train.get_dataset_shard("train")
-        t0, seen, total_loss, steps = time.time(), 0, 0.0, 0
+        t0, seen, total_loss, steps, eval_seconds = time.time(), 0, 0.0, 0, 0.0
         tick, tick_seen = t0, 0
-        for b in shard.iter_torch_batches(batch_size=batch, collate_fn=collate, device="cpu", prefetch_batches=2,
-                                          local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                          local_shuffle_seed=t.seed + epoch if t.shuffle_buffer else None):
+        for b in iter_batches(shard, train_collate, batch, t.shuffle_buffer, t.seed * 1_000_003 + epoch):
             x_cat = b["x_cat"].to(device, non_blocking=True)
             x_num = b["x_num"].to(device, non_blocking=True)
             y = b[LABEL].to(device, non_blocking=True)
@@ -248,6 +280,7 @@ def train_loop(config: dict) -> None:
             for o in opts:
                 o.step()
             steps += 1
+            first_step_at = first_step_at or time.time()
             seen += len(y)
             total_loss += float(loss.detach())
             if steps % t.log_every == 0:
@@ -259,17 +292,20 @@ def train_loop(config: dict) -> None:
             if steps in mid_evals:  # equal shards: every rank reaches the same step, so DDP stays in step
                 evaluate(state.epoch + steps / steps_per_epoch)
                 model.train()
+                tick, tick_seen = time.time(), seen  # the step log's samples/s leaves evaluation out too
                 if state.bad_epochs >= t.patience:
                     break
-        train_seconds = time.time() - t0
+        # training time only: mid-epoch evaluations are timed apart (eval_seconds)
+        train_seconds = time.time() - t0 - eval_seconds
         metrics = evaluate(float(epoch)) if state.bad_epochs < t.patience else {}
         state.epoch = epoch
         seen_all = int(gather({"n": np.array([seen])})["n"].sum())  # throughput of all workers together
         row = {"epoch": epoch, "train_loss": total_loss / max(steps, 1), "train_seconds": train_seconds,
-               "samples_per_s": seen_all / max(train_seconds, 1e-9), **metrics}
+               "samples_per_s": seen_all / max(train_seconds, 1e-9), "eval_seconds": eval_seconds, **metrics}
         state.history.append(row)
         log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        _report({**row, "best_valid_auc": state.best_auc, "done": False}, rank, model, best, opts, state, arch)
+        _report({**row, "best_valid_auc": state.best_auc, "first_step_at": first_step_at, "final": False},
+                rank, model, best, opts, state, arch)
 
     # test with the best weights, over all workers' rows
     m = model.module if hasattr(model, "module") else model
@@ -283,7 +319,8 @@ def train_loop(config: dict) -> None:
     final = {**test, "worker_peak_rss_mb": float(mem["rss"].max()), "worker_peak_uss_mb": float(mem["uss"].max()),
              "best_valid_auc": state.best_auc,
              "best_epoch": state.best_epoch, "epochs_run": state.epoch,
-             "stopped_early": state.epoch < t.epochs, "done": True, "history": json.dumps(state.history),
+             "stopped_early": state.epoch < t.epochs, "epoch": state.epoch, "first_step_at": first_step_at,
+             "final": True, "history": json.dumps(state.history),
              "starts": json.dumps(state.starts)}
     _report(final, rank, model, best, opts, state, arch)
 

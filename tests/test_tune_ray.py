@@ -1,0 +1,159 @@
+"""Ray Tune + Optuna + ASHA over Ray Train on a real local Ray: search, early stop, winner bundle,
+kill-and-resume, and a bad search space refused before any trial runs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from raycluster.config import ConfigError, load_config
+from tests.conftest import ray_head
+from training import synth
+from training.bundle import load_bundle
+from tune.search import run_search
+from tune.space import parse_space
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+SPACE = {"train.lr": {"loguniform": [0.00001, 0.02]}, "model.embedding_dim": {"int": [4, 12]},
+         "model.mlp": {"choice": [[64, 32], [16]]}}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """This module's Ray runs the dashboard (127.0.0.1): Ray Train's cleaner of ASHA-stopped trials asks
+    the dashboard's state API."""
+    with ray_head() as head:
+        ray.init(address=head["gcs"], log_to_driver=False)
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gen_dir(tmp_path_factory, ray_local):
+    out = str(tmp_path_factory.mktemp("gen") / "mk")
+    synth.generate(60_000, out, seed=2, shards=2)
+    return out
+
+
+def _raw(gen_dir, tmp_path, name="s", **tune):
+    raw = load_config("configs/demo.yaml").model_dump(mode="json")
+    raw["run"] = {"name": name, "dir": str(tmp_path / "runs")}
+    raw["data"].update(source=gen_dir, generate=None)
+    raw["train"].update({"epochs": 3, "cpus_per_worker": 1, "data_cpus": 0.5, "evals_per_epoch": 1,
+                         "patience": 3, "log_every": 1000})
+    raw["tune"] = {"num_samples": 4, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 2,
+                   "seed": 0, "export_path": str(tmp_path / "winner"), "search_space": SPACE, **tune}
+    return raw
+
+
+def _terminated(exp_dir: Path) -> list[str]:
+    """Trials Tune's own saved experiment state marks finished."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        data = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (ValueError, KeyError):  # being rewritten
+        return []
+    trials = [json.loads(t[0]) for t in data]
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+
+
+def _result_lines(exp_dir: Path) -> dict[str, list[dict]]:
+    """Every trial's reported results, read from Tune's own files."""
+    out = {}
+    for f in exp_dir.glob("*/result.json"):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out
+
+
+def test_search_stops_weak_trials_and_exports_the_best_valid_trial(gen_dir, tmp_path):
+    cfg = load_config(raw=_raw(gen_dir, tmp_path))
+    res = run_search(cfg)
+    table = res.table
+    assert len(table) == 4 and not any(r["error"] for r in table)
+    assert any(r["stopped_by"] == "asha" for r in table), table  # ASHA ended at least one trial early
+    stopped = [r for r in table if r["stopped_by"] == "asha"]
+    assert all(r["epochs_run"] < cfg.train.epochs for r in stopped)
+    best = max(table, key=lambda r: r["best_valid_auc"])
+    assert res.winner["trial_id"] == best["trial"]
+    # the bundle holds the winner's best weights: its test AUC is the one the trial measured
+    pp, model, meta = load_bundle(res.bundle)
+    assert meta["info"]["trial_id"] == best["trial"]
+    assert meta["info"]["params"] == {k: best[k] for k in SPACE}
+    assert meta["config"].train.lr == pytest.approx(best["train.lr"])
+    assert meta["config"].model.embedding_dim == best["model.embedding_dim"]
+    assert meta["metrics"]["test_auc"] == pytest.approx(best["test_auc"], abs=1e-6)
+    assert meta["info"]["test_metrics"]["test_auc"] == meta["metrics"]["test_auc"]
+    # results table saved as CSV and HTML (with charts)
+    csv_text = Path(res.results_csv).read_text()
+    assert csv_text.splitlines()[0].startswith("trial,train.lr,model.embedding_dim,model.mlp,best_valid_auc")
+    assert len(csv_text.strip().splitlines()) == 5
+    html = Path(res.results_html).read_text()
+    assert "<svg" in html and best["trial"] in html
+    # the fixed cost of every trial was measured (Tune's trial start -> first training step)
+    assert all(r["startup_s"] is not None and r["startup_s"] > 0 for r in table)
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(gen_dir, tmp_path):
+    raw = _raw(gen_dir, tmp_path, name="kill", num_samples=3)
+    cfg_path = tmp_path / "search.yaml"
+    cfg_path.write_text(json.dumps(raw))  # JSON is YAML
+    exp = tmp_path / "runs" / "kill" / "tune" / "search"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "raycluster", "tune", "--config", str(cfg_path)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            done = _terminated(exp)
+            if done:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert done, "no trial finished in time"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies: its trials die with it
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _result_lines(exp)
+    first = done[0]
+    res = run_search(load_config(cfg_path))  # the same command again: restores
+    after = _result_lines(exp)
+    assert len(res.table) == 3 and all(r["error"] == "" for r in res.table)
+    assert all(lines[-1].get("final") or lines[-1]["epoch"] < 3 for lines in after.values())
+    assert after[first] == before[first]  # the finished trial was not run again
+    assert res.winner["trial_id"] in after
+
+
+def test_bad_search_space_fails_before_any_trial(gen_dir, tmp_path):
+    cases = {
+        "train.nope": {"uniform": [0, 1]},  # not a config key
+        "data.batch_size": {"int": [1, 4]},  # data is prepared once per search
+        "train.num_workers": {"int": [1, 2]},  # trial resources are fixed
+        "train.lr": {"loguniform": [0, 0.1]},  # log of 0
+        "model.dropout": {"uniform": [0.5, 0.1]},  # low above high
+        "model.name": {"choice": ["dcnv2", "transformer"]},  # not a model
+        "model.embedding_dim": {"int": [0, 8]},  # 0 fails the config's own check
+        "train.epochs": {"between": [1, 2]},  # unknown kind
+    }
+    for key, spec in cases.items():
+        cfg = load_config(raw={**_raw(gen_dir, tmp_path), "tune": {"search_space": {key: spec}}})
+        with pytest.raises(ConfigError, match=f"tune.search_space.{key}"):
+            parse_space(cfg)
+    # through the CLI: exit 2 naming the key, and no search directory was created
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({**_raw(gen_dir, tmp_path, name="bad"),
+                               "tune": {"search_space": {"model.depth": {"int": [1, 3]}}}}))
+    out = subprocess.run([sys.executable, "-m", "raycluster", "tune", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "tune.search_space.model.depth" in out.stderr
+    assert not (tmp_path / "runs" / "bad").exists()

@@ -1,0 +1,278 @@
+"""Hyperparameter search the Train V2 way: a Tuner runs one driver function per trial; each builds
+and fits a TorchTrainer (the same `make_trainer` as `rankray train`) with TuneReportCallback.
+OptunaSearch (TPE, seeded) proposes, ASHA stops weak trials at epoch rungs on the validation AUC
+computed over all workers' rows. Data is fitted, encoded and materialized once per search.
+
+Resource rule: a trial's driver asks for no CPU (a little memory); its Train workers take
+`num_workers x cpus_per_worker`; `max_concurrent_trials` of them plus `train.data_cpus` must fit the
+cluster's CPUs, so Ray Data always keeps CPUs to read with (a starved reader hangs silently).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import ray
+import ray.train
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from raycluster.config import Config, ConfigError, config_with, dump_config
+from training import storage
+from training.data import s3_options
+from training.features import Preprocessor
+from training.prepare import encoded_datasets, ensure_prepared
+from training.report import fmt, results_page, svg_line_chart
+from training.trainer import best_model_from, export_bundle, make_trainer, storage_location
+from tune.space import parse_space, search_space, trial_config, trial_params
+
+METRIC = "best_valid_auc"  # in every report (epoch and final); best-so-far is what early stopping compares
+TIME_ATTR = "epoch"
+# A trial's driver only waits on its Train run: it takes no CPU (Tune needs some resource in a trial's
+# request, so it asks for a little memory), leaving whole CPUs to the Train workers and to Ray Data.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+
+
+@dataclass
+class SearchResult:
+    table: list[dict[str, Any]]
+    winner: dict[str, Any]
+    bundle: str
+    results_csv: str
+    results_html: str
+    seconds: float
+
+
+def check_search_resources(cfg: Config) -> None:
+    """Trials x workers x CPUs + data CPUs must fit the cluster: fail before any trial starts."""
+    t, n = cfg.train, cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources().get("CPU", 0)
+    need = n * t.num_workers * t.cpus_per_worker + t.data_cpus
+    if need > total + 1e-9:
+        raise ConfigError(
+            f"tune.max_concurrent_trials ({n}) x train.num_workers ({t.num_workers}) x train.cpus_per_worker "
+            f"({t.cpus_per_worker}) + train.data_cpus ({t.data_cpus}) = {need:g} CPUs, but the cluster has "
+            f"{total:g}: lower max_concurrent_trials or cpus_per_worker (fractions are fine)")
+
+
+def check_early_stopping(asha: bool) -> None:
+    """An ASHA-stopped trial's Train workers are released by Ray Train's placement-group cleaner, which
+    asks the dashboard's state API whether the trial is gone: without a dashboard they are never
+    released and the next trial waits forever for CPUs. Refuse that before any trial starts."""
+    from raycluster.rayinit import dashboard_url
+
+    if asha and not dashboard_url():
+        raise ConfigError("tune: early stopping (ASHA) needs the Ray dashboard, which releases stopped trials' "
+                          "workers; set ray.include_dashboard: true (it binds to 127.0.0.1)")
+
+
+def search_fingerprint(cfg: Config) -> str:
+    """What a restored search must share with the interrupted one."""
+    keep = {k: v for k, v in cfg.model_dump(mode="json").items() if k in ("data", "features", "model", "train")}
+    keep["tune"] = {k: v for k, v in cfg.tune.model_dump(mode="json").items() if k != "export_path"}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+
+def _abs(path: str) -> str:
+    """Trial drivers may run with another working directory: pass them absolute paths."""
+    return path if storage.is_s3(path) else os.path.abspath(path)
+
+
+def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, train_rows: int,
+           trials_dir: str) -> None:
+    """One trial: this trial's config -> TorchTrainer.fit(); TuneReportCallback carries the reports."""
+    cfg = config_with(trial_config(Config.model_validate(base), params), {"train.storage_path": trials_dir})
+    trial_id = tune.get_context().get_trial_id()
+    trainer = make_trainer(cfg, Preprocessor.from_json(pp_json), datasets, trial_id, train_rows,
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()  # same run name on restore: Train resumes from the trial's latest checkpoint
+
+
+class _TrialClock(tune.Callback):
+    """Wall clock of each trial's start as Tune sees it: fixed cost = first training step - start."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.first_step: dict[str, float] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.started[trial.trial_id] = time.time()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("first_step_at"):
+            self.first_step.setdefault(trial.trial_id, result["first_step_at"])
+
+    def startup(self, trial_id: str) -> float | None:
+        if trial_id in self.started and trial_id in self.first_step:
+            return self.first_step[trial_id] - self.started[trial_id]
+        return None
+
+
+def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: list | None = None,
+               random_search: bool = False, asha: bool = True, name: str = "search") -> tune.Tuner:
+    """A new Tuner for this config's search, or the interrupted one restored (same run name)."""
+    space = parse_space(cfg)
+    check_search_resources(cfg)
+    check_early_stopping(asha)
+    s3 = s3_options(cfg)
+    root = _abs(storage.join(cfg.run_dir, "tune"))
+    path, fs = storage_location(root, cfg)
+    exp_path = f"{path}/{name}"
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), pp_json=prep["preprocessor"].to_json(),
+                             datasets=encoded_datasets(prep["encoded"], cfg, prep),
+                             train_rows=prep["profile"]["rows_by_split"]["train"],
+                             trials_dir=storage.join(root, f"{name}-trials")),
+        DRIVER_RESOURCES)
+    fp_file = storage.join(root, f"{name}-fingerprint.txt")
+    fp = search_fingerprint(cfg)
+    if not restart and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        if storage.exists(fp_file, s3) and storage.read_text(fp_file, s3) != fp:
+            raise ConfigError(f"run {cfg.run.name!r} already holds a search with other settings "
+                              f"({storage.join(root, name)}): use a new run.name, or --restart to discard it")
+        print(f"[rankray tune] resuming the search in {storage.join(root, name)}", flush=True)
+        return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    if restart:
+        storage.delete_dir(storage.join(root, name), s3)
+        storage.delete_dir(storage.join(root, f"{name}-trials"), s3)
+    storage.write_text(fp_file, fp, s3)
+    tc = cfg.tune
+    if random_search:
+        search_alg = None  # Tune's random sampling of the same space
+    else:
+        sampler = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)),
+                                             multivariate=True)
+        search_alg = OptunaSearch(sampler=sampler)
+    # max_t one past the last epoch: ASHA never ends a trial that completed its epochs; the trial ends
+    # itself after its test pass (a stop there would cut the final report and checkpoint)
+    scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs + 1, grace_period=tc.grace_period,
+                              reduction_factor=tc.reduction_factor) if asha else None
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
+                                  verbose=1),
+    )
+
+
+def results_table(grid: Any, cfg: Config, clock: _TrialClock | None = None) -> list[dict[str, Any]]:
+    """One row per trial: id, params, best valid AUC, epochs, stopped early (by whom), wall time."""
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        trial_id = m.get("trial_id") or os.path.basename(r.path or "")
+        done = bool(m.get("final"))  # not Tune's reserved "done": that would end the trial early
+        stopped = "asha" if not done and r.error is None else ("patience" if m.get("stopped_early") else "")
+        row: dict[str, Any] = {"trial": trial_id, **trial_params(cfg, r.config),
+                               "best_valid_auc": m.get(METRIC), "epochs_run": m.get(TIME_ATTR),
+                               "stopped_early": bool(stopped), "stopped_by": stopped or "-",
+                               "test_auc": m.get("test_auc"), "wall_s": m.get("time_total_s"),
+                               "error": type(r.error).__name__ if r.error else ""}
+        if clock is not None:
+            row["startup_s"] = clock.startup(trial_id)
+        rows.append(row)
+    rows.sort(key=lambda x: -x["best_valid_auc"] if _finite(x["best_valid_auc"]) else math.inf)
+    return rows
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _charts(grid: Any, cfg: Config) -> list[str]:
+    curves = {}
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is not None and "valid_auc" in df and TIME_ATTR in df:
+            d = df[df["valid_auc"].notna()]
+            curves[str((r.metrics or {}).get("trial_id", "?"))] = (d[TIME_ATTR].tolist(), d["valid_auc"].tolist())
+    charts = [svg_line_chart(curves, title="Validation AUC per trial", xlabel="epoch", ylabel="valid AUC")] \
+        if curves else []
+    for key in search_space(cfg):
+        pts = [(trial_params(cfg, r.config)[key], (r.metrics or {}).get(METRIC)) for r in grid]
+        pts = [(x, y) for x, y in pts if _finite(x) and _finite(y)]
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            charts.append(svg_line_chart({key: (list(xs), list(ys))}, title=f"{key} vs best valid AUC",
+                                         xlabel=key, ylabel="best valid AUC", markers=True))
+    return charts
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no trials)"
+    cols = list(rows[0])
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["trial"])
+    w.writeheader()
+    w.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
+    return out.getvalue()
+
+
+def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> tuple[dict[str, Any], str]:
+    """Best valid trial: its best weights from its last checkpoint, evaluated on test, bundled atomically."""
+    ok = [r for r in grid if r.error is None and _finite((r.metrics or {}).get(METRIC))]
+    if not ok:
+        errors = [f"{os.path.basename(r.path or '?')}: {r.error}" for r in grid if r.error is not None]
+        raise RuntimeError("no trial finished with a validation AUC" + (": " + "; ".join(errors[:3]) if errors else ""))
+    best = max(ok, key=lambda r: r.metrics[METRIC])
+    params = trial_params(cfg, best.config)
+    wcfg = trial_config(cfg, params)
+    ckpt_path = best.metrics.get(CHECKPOINT_PATH_KEY)
+    if not ckpt_path:
+        raise RuntimeError(f"trial {best.metrics.get('trial_id')} reported no checkpoint")
+    _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
+    model, arch = best_model_from(ray.train.Checkpoint(ckpt_path, filesystem=fs), wcfg, prep["preprocessor"])
+    trial_id = best.metrics.get("trial_id")
+    info = {"trial_id": trial_id, "params": params,
+            "search": storage.join(cfg.run_dir, "tune", "search")}
+    metrics = {k: v for k, v in best.metrics.items() if _finite(v) or isinstance(v, (str, bool))}
+    test = export_bundle(wcfg, prep["preprocessor"], model, arch, metrics, prep, path, info=info)
+    return {"trial_id": trial_id, "params": params, "best_valid_auc": best.metrics[METRIC], "test": test}, path
+
+
+def winner_path(cfg: Config) -> str:
+    return cfg.tune.export_path or storage.join(cfg.run_dir, "winner")
+
+
+def run_search(cfg: Config, *, restart: bool = False, export_path: str | None = None) -> SearchResult:
+    """Prepare once, search, write results (CSV + HTML), export the winner's bundle."""
+    t0 = time.time()
+    parse_space(cfg)  # a bad space fails before anything is prepared
+    prep = ensure_prepared(cfg)
+    clock = _TrialClock()
+    grid = make_tuner(cfg, prep, restart=restart, callbacks=[clock]).fit()
+    table = results_table(grid, cfg, clock)
+    s3 = s3_options(cfg)
+    root = storage.join(cfg.run_dir, "tune")
+    csv_path, html_path = storage.join(root, "results.csv"), storage.join(root, "results.html")
+    storage.write_text(csv_path, _csv(table), s3)
+    winner, bundle = export_winner(cfg, prep, grid, export_path or winner_path(cfg))
+    page = results_page(title=f"rankray search: {cfg.run.name}", table=table, charts=_charts(grid, cfg),
+                        meta={"run": cfg.run.name, "winner": winner["trial_id"], "bundle": bundle,
+                              "winner test AUC": winner["test"].get("test_auc"),
+                              "search space": json.dumps(search_space(cfg))})
+    storage.write_text(html_path, page, s3)
+    storage.write_text(storage.join(root, "config.yaml"), dump_config(cfg), s3)
+    return SearchResult(table, winner, bundle, csv_path, html_path, time.time() - t0)
