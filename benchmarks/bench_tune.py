@@ -13,6 +13,8 @@ import statistics
 import tempfile
 import time
 
+import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
+
 import ray
 
 from raycluster.config import load_config

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
 
@@ -31,12 +32,30 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None) -> str
     if address:
         ray.init(address=address, **kwargs)
     else:
+        dashboard = rc.include_dashboard if rc else False
+        host = rc.dashboard_host if rc else "127.0.0.1"
+        port = _port_or_free(rc.dashboard_port if rc else 8265)
+        if dashboard:
+            # Ray's own helpers inside this cluster (e.g. Ray Train's placement-group cleaner, which frees
+            # the workers of a stopped Tune trial) find the dashboard through this, not through the
+            # machine-wide "current cluster" file that only `ray start` writes (and may be stale)
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            kwargs["runtime_env"] = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://{shown}:{port}"}}
         # "local": always a new local Ray, never a stale or unrelated `ray start` cluster on the machine
-        ray.init(address="local", num_cpus=rc.num_cpus if rc else None,
-                 include_dashboard=rc.include_dashboard if rc else False,
-                 dashboard_host=rc.dashboard_host if rc else "127.0.0.1",
-                 dashboard_port=rc.dashboard_port if rc else 8265, **kwargs)
+        ray.init(address="local", num_cpus=rc.num_cpus if rc else None, include_dashboard=dashboard,
+                 dashboard_host=host, dashboard_port=port, **kwargs)
     return dashboard_url()
+
+
+def _port_or_free(port: int) -> int:
+    """`port` if nothing listens on it, else a free one (so the URL given to the cluster is right)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
 
 
 def dashboard_url() -> str:

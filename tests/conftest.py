@@ -63,11 +63,14 @@ def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
     keeps it tied to one process group, so teardown stops this cluster only (`ray stop` would stop
     every Ray on the machine). RAY_ADDRESS in the node's environment lets Ray's own helpers inside the
     cluster (e.g. Train's placement-group cleaner) find it even when another Ray runs on the machine."""
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             # own agent ports: another Ray on the machine must not hold the jobs agent's port
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
