@@ -20,14 +20,14 @@ import ray
 from raycluster.config import load_config
 from raycluster.rayinit import ensure_ray
 from training.prepare import ensure_prepared
-from tune.search import _TrialClock, make_tuner, results_table
+from tune.search import TrialClock, make_tuner, results_table
 
 SPACE = {"train.lr": {"loguniform": [0.0001, 0.03]}, "model.embedding_dim": {"int": [4, 24]},
          "model.mlp": {"choice": [[256, 128], [64, 32], [16]]}, "model.cross_layers": {"int": [0, 3]}}
 
 
 def run(cfg, prep, name: str, **kw) -> dict:
-    clock = _TrialClock()
+    clock = TrialClock()
     t0 = time.time()
     grid = make_tuner(cfg, prep, restart=True, callbacks=[clock], name=name, **kw).fit()
     wall = time.time() - t0

@@ -37,10 +37,13 @@ class Stages:
         self.t0 = time.time()
         self.n = 0
 
-    def run(self, name: str, fingerprint: str, fn: Callable[[], dict], total: int,
-            still_there: Callable[[dict], bool] = lambda _: True) -> dict:
+    def banner(self, name: str, total: int) -> None:
         self.n += 1
         print(f"\n=== [{self.n}/{total}] {name} ===", flush=True)
+
+    def run(self, name: str, fingerprint: str, fn: Callable[[], dict], total: int,
+            still_there: Callable[[dict], bool] = lambda _: True) -> dict:
+        self.banner(name, total)
         rec = self.records.get(name)
         if rec and rec.get("fingerprint") == fingerprint and still_there(rec["outputs"]):
             print(f"    done before ({rec['seconds']:.0f} s then): skipped", flush=True)
@@ -122,12 +125,13 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
             res = train(lr, run_name=f"{cfg.run.name}-logreg", write_bundle=False)
             return {"test_auc": res.metrics["test_auc"], "best_valid_auc": res.metrics["best_valid_auc"]}
 
-        base = st.run("baseline: logreg on the same split", search_fingerprint(cfg), baseline, total)
+        # the baseline depends on the data and the training settings, not on the search
+        base = st.run("baseline: logreg on the same split",
+                      _fp(cfg.model_dump(mode="json", include={"data", "features", "train"})), baseline, total)
         baseline_auc = base["test_auc"]
         print(f"    logreg test AUC {baseline_auc:.4f}", flush=True)
 
-    print(f"\n=== [{st.n + 1}/{total}] gate ===", flush=True)
-    st.n += 1
+    st.banner("gate", total)
     print("    " + gate(cfg, won["test"]["test_auc"], baseline_auc), flush=True)
 
     out = {"bundle": won["bundle"], "report": storage.join(won["bundle"], "report.html"),
@@ -139,12 +143,10 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
         from serving.run import curl_line, example_body, run_server
         from training.bundle import load_bundle
 
-        print(f"\n=== [{st.n + 1}/{total}] deploy on Ray Serve ===", flush=True)
-        st.n += 1
+        st.banner("deploy on Ray Serve", total)
         url = run_server(won["bundle"], cfg.serve, cfg, wait=False)
         out["url"] = url
-        print(f"\n=== [{st.n + 1}/{total}] smoke request ===", flush=True)
-        st.n += 1
+        st.banner("smoke request", total)
         key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
         ranked = smoke_request(url, won["bundle"], key)
         print(f"    POST {url}/rank with 10 candidates -> top {len(ranked['results'])} "

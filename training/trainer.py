@@ -33,18 +33,22 @@ class TrainResult:
     seconds: float
 
 
-def check_resources(cfg: Config, use_gpu: bool) -> None:
-    """Fail before starting when train workers would leave Ray Data no CPU: that hangs silently."""
+def check_resources(cfg: Config, use_gpu: bool, trials: int = 1) -> None:
+    """Fail before starting when `trials` concurrent Train runs would leave Ray Data no CPU: that hangs
+    silently."""
     t = cfg.train
     total = ray.cluster_resources().get("CPU", 0)
-    need = t.num_workers * t.cpus_per_worker + t.data_cpus
+    need = trials * t.num_workers * t.cpus_per_worker + t.data_cpus
+    runs = f"tune.max_concurrent_trials ({trials}) x " if trials > 1 else ""
     if need > total + 1e-9:
         raise ConfigError(
-            f"train.num_workers ({t.num_workers}) x train.cpus_per_worker ({t.cpus_per_worker}) + "
+            f"{runs}train.num_workers ({t.num_workers}) x train.cpus_per_worker ({t.cpus_per_worker}) + "
             f"train.data_cpus ({t.data_cpus}) = {need:g} CPUs, but the cluster has {total:g}: lower "
-            "train.cpus_per_worker (fractions are fine) or num_workers, or add nodes")
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < t.num_workers:
-        raise ConfigError(f"train.use_gpu is on but the cluster has fewer GPUs than train.num_workers ({t.num_workers})")
+            f"{'max_concurrent_trials, ' if trials > 1 else ''}train.cpus_per_worker (fractions are fine) or "
+            "num_workers, or add nodes")
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < trials * t.num_workers:
+        raise ConfigError(f"train.use_gpu is on but the cluster has fewer GPUs than {runs}train.num_workers "
+                          f"({trials * t.num_workers})")
 
 
 def storage_location(path: str, cfg: Config) -> tuple[str, Any]:

@@ -33,7 +33,9 @@ from training.data import s3_options
 from training.features import Preprocessor
 from training.prepare import encoded_datasets, ensure_prepared
 from training.report import fmt, results_page, svg_line_chart
-from training.trainer import best_model_from, export_bundle, make_trainer, storage_location
+from training.loop import resolve_device
+from training.trainer import (best_model_from, check_resources, export_bundle, make_trainer,
+                              storage_location)
 from tune.space import parse_space, search_space, trial_config, trial_params
 
 METRIC = "best_valid_auc"  # in every report (epoch and final); best-so-far is what early stopping compares
@@ -51,18 +53,6 @@ class SearchResult:
     results_csv: str
     results_html: str
     seconds: float
-
-
-def check_search_resources(cfg: Config) -> None:
-    """Trials x workers x CPUs + data CPUs must fit the cluster: fail before any trial starts."""
-    t, n = cfg.train, cfg.tune.max_concurrent_trials
-    total = ray.cluster_resources().get("CPU", 0)
-    need = n * t.num_workers * t.cpus_per_worker + t.data_cpus
-    if need > total + 1e-9:
-        raise ConfigError(
-            f"tune.max_concurrent_trials ({n}) x train.num_workers ({t.num_workers}) x train.cpus_per_worker "
-            f"({t.cpus_per_worker}) + train.data_cpus ({t.data_cpus}) = {need:g} CPUs, but the cluster has "
-            f"{total:g}: lower max_concurrent_trials or cpus_per_worker (fractions are fine)")
 
 
 def check_early_stopping(asha: bool) -> None:
@@ -98,7 +88,7 @@ def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, 
     trainer.fit()  # same run name on restore: Train resumes from the trial's latest checkpoint
 
 
-class _TrialClock(tune.Callback):
+class TrialClock(tune.Callback):
     """Wall clock of each trial's start as Tune sees it: fixed cost = first training step - start."""
 
     def __init__(self) -> None:
@@ -122,7 +112,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
                random_search: bool = False, asha: bool = True, name: str = "search") -> tune.Tuner:
     """A new Tuner for this config's search, or the interrupted one restored (same run name)."""
     space = parse_space(cfg)
-    check_search_resources(cfg)
+    check_resources(cfg, resolve_device(cfg)[0], trials=cfg.tune.max_concurrent_trials)
     check_early_stopping(asha)
     s3 = s3_options(cfg)
     root = _abs(storage.join(cfg.run_dir, "tune"))
@@ -168,7 +158,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     )
 
 
-def results_table(grid: Any, cfg: Config, clock: _TrialClock | None = None) -> list[dict[str, Any]]:
+def results_table(grid: Any, cfg: Config, clock: TrialClock | None = None) -> list[dict[str, Any]]:
     """One row per trial: id, params, best valid AUC, epochs, stopped early (by whom), wall time."""
     rows = []
     for r in grid:
@@ -230,7 +220,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> tuple[dict[str, Any], str]:
+def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, Any]:
     """Best valid trial: its best weights from its last checkpoint, evaluated on test, bundled atomically."""
     ok = [r for r in grid if r.error is None and _finite((r.metrics or {}).get(METRIC))]
     if not ok:
@@ -249,7 +239,7 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> tuple[dict[s
             "search": storage.join(cfg.run_dir, "tune", "search")}
     metrics = {k: v for k, v in best.metrics.items() if _finite(v) or isinstance(v, (str, bool))}
     test = export_bundle(wcfg, prep["preprocessor"], model, arch, metrics, prep, path, info=info)
-    return {"trial_id": trial_id, "params": params, "best_valid_auc": best.metrics[METRIC], "test": test}, path
+    return {"trial_id": trial_id, "params": params, "best_valid_auc": best.metrics[METRIC], "test": test}
 
 
 def winner_path(cfg: Config) -> str:
@@ -261,14 +251,15 @@ def run_search(cfg: Config, *, restart: bool = False, export_path: str | None = 
     t0 = time.time()
     parse_space(cfg)  # a bad space fails before anything is prepared
     prep = ensure_prepared(cfg)
-    clock = _TrialClock()
+    clock = TrialClock()
     grid = make_tuner(cfg, prep, restart=restart, callbacks=[clock]).fit()
     table = results_table(grid, cfg, clock)
     s3 = s3_options(cfg)
     root = storage.join(cfg.run_dir, "tune")
     csv_path, html_path = storage.join(root, "results.csv"), storage.join(root, "results.html")
     storage.write_text(csv_path, _csv(table), s3)
-    winner, bundle = export_winner(cfg, prep, grid, export_path or winner_path(cfg))
+    bundle = export_path or winner_path(cfg)
+    winner = export_winner(cfg, prep, grid, bundle)
     page = results_page(title=f"rankray search: {cfg.run.name}", table=table, charts=_charts(grid, cfg),
                         meta={"run": cfg.run.name, "winner": winner["trial_id"], "bundle": bundle,
                               "winner test AUC": winner["test"].get("test_auc"),
