@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test audit bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,29 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# every benchmark in < 30 min on the 2-core dev machine; rewrites docs/BENCHMARKS.md (ARGS="--only quality-movielens")
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	@touch $@
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/run_all.py $(ARGS)
+
+# Known vulnerabilities in the installed (locked) dependencies: pip-audit, in a venv of its own so its
+# own packages are not audited, over `pip freeze` of .venv (local versions like +cpu dropped). Fails on
+# a vulnerability with a fix available, and when a package cannot be audited (.ci/audit_check.py).
+# Needs a vulnerability service: PyPI's per-version JSON API (AUDIT_SERVICE=pypi) or api.osv.dev
+# (AUDIT_SERVICE=osv). Not part of `make test` / .ci/run: where neither is reachable it fails.
+AUDIT_VENV ?= $(VENV)/audit-tool
+AUDIT_SERVICE ?= pypi
+audit: $(STAMP)
+	@test -x $(AUDIT_VENV)/bin/pip-audit || { $(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install -q pip-audit; }
+	$(PY) -m pip freeze --exclude-editable | sed -e 's/+[A-Za-z0-9.]*$$//' > $(VENV)/audit-requirements.txt
+	@rm -f $(VENV)/audit.json
+	-$(AUDIT_VENV)/bin/pip-audit --requirement $(VENV)/audit-requirements.txt --no-deps --disable-pip \
+		--vulnerability-service $(AUDIT_SERVICE) --format json --output $(VENV)/audit.json --progress-spinner off
+	$(PY) .ci/audit_check.py $(VENV)/audit.json
 
 clean:
 	rm -rf runs data/generated

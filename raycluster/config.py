@@ -116,6 +116,9 @@ class DataConfig(_Strict):
     s3: S3Config = Field(default_factory=S3Config)
     batch_size: int = Field(default=8192, ge=1)
     materialize: Literal["auto"] | bool = "auto"  # keep encoded splits in the object store
+    # rows whose label is null or not 0/1: `error` stops with the count and the column; `quarantine`
+    # counts them, writes them to RUN_DIR/data/quarantine/*.parquet and prepares the other rows
+    bad_rows: Literal["error", "quarantine"] = "error"
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:
@@ -155,6 +158,8 @@ class TrainConfig(_Strict):
     evals_per_epoch: int = Field(default=4, ge=1)  # deep CTR models peak within an epoch: look often
     patience: int = Field(default=2, ge=1)  # evaluations without a better valid AUC before stopping
     grad_clip: float | None = Field(default=10.0, gt=0)
+    # share of known categorical ids replaced by the out-of-vocabulary id in training (unseen users/items)
+    oov_dropout: float = Field(default=0.05, ge=0, lt=1)
     max_failures: int = Field(default=0, ge=-1)
     storage_path: str | None = None  # checkpoints (local or s3://); default RUN_DIR/checkpoints
     seed: int = 0
@@ -199,8 +204,15 @@ class RayConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    # one path component: letters, digits, _ . - only (no shell syntax, no separators, not . or ..)
     name: str = Field(default="rankray", pattern=r"^[A-Za-z0-9_.-]+$")
     dir: str = "runs"  # local path or s3://
+
+    @model_validator(mode="after")
+    def _not_dots(self) -> RunConfig:
+        if self.name in (".", ".."):
+            raise ValueError(f"run.name {self.name!r} would write outside run.dir")
+        return self
 
 
 class Config(_Strict):
@@ -266,6 +278,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.003")
         key, text = item.split("=", 1)
+        try:
+            value = _parse_value(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: {text!r} is not a YAML value ({getattr(e, 'problem', e)}); "
+                              f"quote it: {key}='\"...\"'") from None
         parts = key.strip().split(".")
         node: Any = raw
         for i, part in enumerate(parts[:-1]):
@@ -284,9 +301,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ConfigError(f"--set {key}: {last} is not an index of the list")
-            node[int(last)] = _parse_value(text)
+            node[int(last)] = value
         elif isinstance(node, dict):
-            node[last] = _parse_value(text)
+            node[last] = value
         else:
             raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
     return raw

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from raycluster.config import MultiHotFeature, ServeConfig
 from training.bundle import load_bundle, verify_samples
-from training.features import OOV, DataError, Preprocessor
+from training.features import OOV, DataError, Preprocessor, numeric_transform
 from serving.auth import ApiKeyGuard
 from serving.metrics import Metrics
 from serving.schema import RequestError, Schema, parse_json
@@ -146,21 +146,41 @@ class Service:
         self.scorer.metrics.request(endpoint, resp.status_code, (time.perf_counter() - t0) * 1000)
         return resp
 
-    async def _scores(self, columns: dict[str, list[Any]]) -> np.ndarray:
+    async def _scores(self, columns: dict[str, list[Any]], key: str) -> np.ndarray:
         out = await self.score_fn(columns)
         if isinstance(out, Exception):
             raise out
+        if not np.isfinite(out).all():  # never answer NaN (not JSON, and it would break the ranking)
+            raise self._unscorable(columns, out, key)
         return out
+
+    def _unscorable(self, columns: dict[str, list[Any]], scores: np.ndarray, key: str) -> RequestError:
+        """A 422 naming the first item without a finite score and its numeric field farthest from training's
+        range: finite but huge numbers (e.g. position=1e15) overflow float32 inside the model."""
+        i = int(np.flatnonzero(~np.isfinite(scores))[0])
+        pp = self.scorer.pp
+        dist: dict[str, float] = {}
+        for f in pp.num_features:
+            v = columns[f.column][i]
+            if type(v) in (int, float):
+                x = numeric_transform(np.array([float(v)]), f.transform)[0]
+                dist[f.column] = max(dist.get(f.column, 0.0), abs((x - pp.mean[f.name]) / (pp.std[f.name] or 1.0)))
+        where = f"{key}[{i}]"
+        if dist:
+            c = max(dist, key=dist.__getitem__)
+            return RequestError(422, f"{where}.{c}: value {columns[c][i]!r} is too far outside the training "
+                                     "range: the model gives no finite score")
+        return RequestError(422, f"{where}: the model gives no finite score for this item")
 
     async def _rank(self, body: Any) -> dict[str, Any]:
         columns, ids, top_k = self.schema.rank_request(body)
-        scores = await self._scores(columns)
+        scores = await self._scores(columns, "candidates")
         order = np.argsort(-scores, kind="stable")[:top_k]
         return {"model_version": self.scorer.version,
                 "results": [{"index": i, "id": ids[i], "score": s} for i, s in zip(order.tolist(), scores[order].tolist())]}
 
     async def _predict(self, body: Any) -> dict[str, Any]:
-        scores = await self._scores(self.schema.predict_request(body))
+        scores = await self._scores(self.schema.predict_request(body), "rows")
         return {"model_version": self.scorer.version, "scores": scores.tolist()}
 
     async def _model(self, _: Any) -> dict[str, Any]:

@@ -46,6 +46,31 @@ SMALL_FEATURES = {
 }
 
 
+def make_bundle(path: str, seed: int = 0) -> str:
+    """A serving bundle: the demo spec, a preprocessor fitted by training's own code on 20k synthetic rows
+    (no Ray), random weights drawn with `seed` (another seed: another model, another version)."""
+    import torch
+
+    from raycluster.config import load_config
+    from training import synth
+    from training.bundle import save_bundle
+    from training.data import SPLIT
+    from training.evaluate import fields_of
+    from training.models import build_model, model_arch
+    from training.prepare import PartialStats, Stats, fit_preprocessor
+
+    cfg = load_config("configs/demo.yaml", ["data.generate=null"])
+    table = synth.generate_shard(20_000, 0, 0, 1)
+    table = table.append_column(SPLIT, pa.array(np.zeros(len(table), np.int8)))
+    pp = fit_preprocessor(Stats(PartialStats(cfg)(table).to_pandas()), cfg, table.schema)
+    torch.manual_seed(seed)
+    fields = fields_of(pp)
+    model = build_model(cfg.model, fields, len(pp.num_columns))
+    save_bundle(path, cfg, pp, model, model_arch(cfg.model, fields, len(pp.num_columns)),
+                metrics={"test_auc": 0.5}, samples=table.select(pp.input_columns).slice(0, 8).to_pylist())
+    return path
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server: str) -> Iterator[None]:
     """Ray started after the S3 server so its workers inherit the AWS_* variables."""

@@ -227,3 +227,31 @@ def test_forward_rejects_wrong_shapes() -> None:
         model(x_cat[:, :5], x_num)
     with pytest.raises(ValueError, match=r"x_num must be \[32, 3\]"):
         model(x_cat, x_num[:, :2])
+
+
+def test_oov_dropout_trains_the_oov_rows_and_keeps_padding():
+    from training.loop import oov_dropout
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (4096, 3))
+    x[:, 0] = torch.randint(2, 50, (4096,))  # field u: known ids only
+    assert torch.equal(oov_dropout(x, 0.0), x)
+    out = oov_dropout(x, 0.2)
+    changed = out != x
+    assert torch.all(out[changed] == 1) and torch.all(x[changed] > 1)  # only known ids, only to OOV
+    assert torch.equal(out[x <= 1], x[x <= 1])  # padding and OOV stay as they are
+    assert 0.17 < changed[:, 0].float().mean() < 0.23
+    for p in (0.0, 0.2):
+        torch.manual_seed(1)
+        model = build_model(small_cfg("dcnv2"), FIELDS, N)
+        oov_row = model.embedding.tables[0].weight[1].detach().clone()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for step in range(20):
+            x_cat, x_num = batch(seed=step)
+            x_cat[:, 0] = x_cat[:, 0].clamp(min=2)
+            loss = model(oov_dropout(x_cat, p), x_num).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        moved = not torch.equal(model.embedding.tables[0].weight[1], oov_row)
+        assert moved == (p > 0), (p, moved)  # without dropout the OOV row keeps its random start

@@ -9,46 +9,26 @@ import threading
 
 import httpx
 import numpy as np
-import pyarrow as pa
 import pytest
-import torch
 import yaml
 
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from raycluster.cli import build_parser, cmd_serve
-from raycluster.config import ServeConfig, load_config
+from raycluster.config import ServeConfig
 from serving import client
 from serving.app import Ranker, app_builder, build_app
 from serving.core import Scorer
 from serving.schema import RequestError, Schema
 from training import synth
-from training.bundle import BundleError, load_bundle, save_bundle, score_rows
-from training.data import SPLIT
-from training.evaluate import fields_of
+from training.bundle import BundleError, load_bundle, score_rows
 from training.features import DataError
-from training.models import build_model, model_arch
-from training.prepare import PartialStats, Stats, fit_preprocessor
 
-from tests.conftest import _free_port
+from tests.conftest import _free_port, make_bundle
 
 KEY_ENV = "RANKRAY_TEST_API_KEY"
 CONTEXT = ("user_id", "user_country", "user_skills", "hourly_rate", "tier", "hour", "device")
-
-
-def _make_bundle(path: str) -> str:
-    """The demo spec, a preprocessor fitted by training's own code on 20k synthetic rows (no Ray), random weights."""
-    cfg = load_config("configs/demo.yaml", ["data.generate=null"])
-    table = synth.generate_shard(20_000, 0, 0, 1)
-    table = table.append_column(SPLIT, pa.array(np.zeros(len(table), np.int8)))
-    pp = fit_preprocessor(Stats(PartialStats(cfg)(table).to_pandas()), cfg, table.schema)
-    torch.manual_seed(0)
-    fields = fields_of(pp)
-    model = build_model(cfg.model, fields, len(pp.num_columns))
-    save_bundle(path, cfg, pp, model, model_arch(cfg.model, fields, len(pp.num_columns)),
-                metrics={"test_auc": 0.5}, samples=table.select(pp.input_columns).slice(0, 8).to_pylist())
-    return path
 
 
 def _tampered(src: str, dst: str) -> str:
@@ -66,7 +46,7 @@ def _tampered(src: str, dst: str) -> str:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _make_bundle(str(tmp_path_factory.mktemp("serving") / "model"))
+    return make_bundle(str(tmp_path_factory.mktemp("serving") / "model"))
 
 
 @pytest.fixture(scope="module")

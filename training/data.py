@@ -2,7 +2,11 @@
 against the feature spec, and tag every row with its split (0 train, 1 valid, 2 test)."""
 from __future__ import annotations
 
+import contextlib
 import posixpath
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -37,7 +41,9 @@ def _format(files: list[str], fmt: str, path: str) -> str:
 
 
 def read_source(path: str, cfg: Config) -> ray.data.Dataset:
-    """A file, directory or glob of Parquet/CSV as a lazy, streaming Ray Dataset."""
+    """A file, directory or glob of Parquet/CSV as a lazy, streaming Ray Dataset. Parquet files are
+    checked first (footers only): each must be readable, all must have the same columns with
+    compatible types, and together they must hold rows; errors name the file and the column."""
     s3 = s3_options(cfg)
     try:
         files = storage.list_files(path, s3)
@@ -46,8 +52,89 @@ def read_source(path: str, cfg: Config) -> ray.data.Dataset:
     fs, _ = storage.filesystem(path, s3)
     fmt = _format(files, cfg.data.format, path)
     if fmt == "parquet":
+        check_parquet_files(files, fs, path)
         return ray.data.read_parquet(files, filesystem=fs, file_extensions=None)
     return ray.data.read_csv(files, filesystem=fs)
+
+
+def _shown(f: str, path: str) -> str:
+    """A file as the user wrote its source: s3://bucket/key for S3 (files are listed without it)."""
+    return f"s3://{f}" if storage.is_s3(path) and not f.startswith("s3://") else f
+
+
+def _kind(t: pa.DataType) -> str:
+    """Types that read the same for rankray: widths and string flavours do not matter; integers
+    and floats mix (the column is read as numbers either way); a null column fits anything."""
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return f"list<{_kind(t.value_type)}>"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    return str(t)
+
+
+def check_parquet_files(files: list[str], fs, path: str) -> None:
+    """Read every file's footer (in parallel threads: one small request per file): a corrupt or
+    truncated file, a file whose columns or types differ from the first file's, or files without
+    a single row are refused before any Ray work, naming the file and the column."""
+    def footer(f: str) -> tuple[pa.Schema, int]:
+        try:
+            with fs.open_input_file(f) as fh:
+                pf = pq.ParquetFile(fh)
+                return pf.schema_arrow, pf.metadata.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{_shown(f, path)}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        footers = list(pool.map(footer, files))
+    (ref_schema, _), ref = footers[0], _shown(files[0], path)
+    ref_types = dict(zip(ref_schema.names, ref_schema.types))
+    for f, (schema, _) in zip(files[1:], footers[1:]):
+        here = dict(zip(schema.names, schema.types))
+        missing = [c for c in ref_types if c not in here]
+        extra = [c for c in here if c not in ref_types]
+        if missing or extra:
+            what = "; ".join(x for x in (f"missing column(s) {missing}" if missing else "",
+                                         f"extra column(s) {extra}" if extra else "") if x)
+            raise DataError(f"{_shown(f, path)}: schema differs from {ref}: {what}")
+        for c, t in here.items():
+            a, b = _kind(t), _kind(ref_types[c])
+            if a != b and "null" not in (a, b):
+                raise DataError(f"{_shown(f, path)}: column {c!r} has type {t} here but {ref_types[c]} "
+                                f"in {ref}: all files of a source need the same column types")
+    if sum(n for _, n in footers) == 0:
+        raise DataError(f"data source {path}: no rows: its {len(files)} Parquet file(s) are all empty")
+
+
+_FRAGMENT = re.compile(r"Failed to read fragment (\S+)")
+
+
+@contextlib.contextmanager
+def read_errors() -> Iterator[None]:
+    """A file that fails while Ray Data reads it (e.g. a corrupt page the footer check cannot see)
+    becomes one DataError naming the file, instead of a worker traceback."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # only Ray Data's read failures are rewritten; the rest is re-raised
+        m = _FRAGMENT.search(str(e))
+        if not m:
+            raise
+        cause = next((ln.strip() for ln in str(e).splitlines()
+                      if ln.startswith(("OSError:", "ArrowInvalid:", "pyarrow.lib.ArrowInvalid:"))), "")
+        cause = cause.split(":", 1)[1].strip() if cause else "read error"
+        raise DataError(f"{m.group(1)}: cannot read this file ({cause}); "
+                        "it is corrupt or not Parquet: fix or remove it") from None
 
 
 def _read_side_table(path: str, cfg: Config) -> pa.Table:
@@ -120,6 +207,46 @@ class Splitter:
         return table.append_column(SPLIT, pa.array(self.assign(table), pa.int8()))
 
 
+LABEL_OK, LABEL_NULL, LABEL_INVALID = 0, 2, 3  # label codes besides 1; null/invalid are the bad rows
+BAD_LABEL_REASONS = {LABEL_NULL: "null label", LABEL_INVALID: "label not 0/1"}
+REASON = "__reason__"
+
+
+def label_codes(arr: pa.ChunkedArray | pa.Array, threshold: float | None) -> np.ndarray:
+    """Per row: 0 or 1 (the label), 2 null (or NaN), 3 not 0/1 (only without a threshold)."""
+    lab = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> nan
+    if threshold is not None:
+        return np.where(np.isnan(lab), LABEL_NULL, (lab >= threshold).astype(np.int64))
+    return np.where(np.isnan(lab), LABEL_NULL, np.where(lab == 1, 1, np.where(lab == 0, 0, LABEL_INVALID)))
+
+
+class LabelFilter:
+    """Ray Data UDF for `data.bad_rows: quarantine`: keeps the rows with a usable label, or
+    (`bad=True`) only the others, without the split column and with the reason."""
+
+    def __init__(self, label: str, threshold: float | None, bad: bool = False) -> None:
+        self.label, self.threshold, self.bad = label, threshold, bad
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        code = label_codes(table.column(self.label), self.threshold)
+        is_bad = code >= LABEL_NULL
+        if not self.bad:
+            return table.filter(pa.array(~is_bad))
+        out = table.filter(pa.array(is_bad))
+        out = out.drop_columns([SPLIT]) if SPLIT in out.column_names else out
+        reasons = [BAD_LABEL_REASONS[int(c)] for c in code[is_bad]]
+        return out.append_column(REASON, pa.array(reasons, pa.string()))
+
+
+def usable_rows(ds: ray.data.Dataset, cfg: Config, bad: bool = False) -> ray.data.Dataset:
+    """With `data.bad_rows: quarantine`, the rows with a usable label (or, `bad=True`, the others);
+    with `error`, `ds` itself (bad labels stop the statistics pass)."""
+    if cfg.data.bad_rows != "quarantine":
+        return ds
+    f = cfg.features
+    return ds.map_batches(LabelFilter(f.label, f.label_threshold, bad), batch_format="pyarrow", batch_size=None)
+
+
 class Joiner:
     def __init__(self, sides: list[tuple[pa.Table, str]]) -> None:
         self.sides = sides
@@ -133,6 +260,8 @@ class Joiner:
 def _check_schema(schema: pa.Schema, cfg: Config, where: str) -> None:
     """Fail before any work with a message naming the column."""
     f = cfg.features
+    if schema is None:  # Ray Data found no block at all (e.g. CSV files with a header only)
+        raise DataError(f"data source {where}: no rows: nothing could be read from its files")
     have = dict(zip(schema.names, schema.types))
     needed = [(f.label, "label")] + [(x.column, f"feature {x.name!r}") for x in f.features]
     needed += [(c, role) for c, role in ((f.group, "group"), (f.time, "time"), (f.oracle, "oracle")) if c]
@@ -159,6 +288,8 @@ def _check_schema(schema: pa.Schema, cfg: Config, where: str) -> None:
 def _with_joins(ds: ray.data.Dataset, cfg: Config) -> tuple[ray.data.Dataset, pa.Schema]:
     schema = ds.schema()  # one call: for CSV it reads a file to infer the types
     schema = schema.base_schema if hasattr(schema, "base_schema") else schema
+    if schema is None:
+        return ds, schema  # no rows: _check_schema says so
     sides = []
     for j in cfg.data.joins:
         side = _read_side_table(j.path, cfg)
@@ -190,8 +321,9 @@ def time_cutoffs(ds: ray.data.Dataset, cfg: Config) -> tuple[float, float]:
             return pa.table({"q": pa.array([], pa.list_(pa.float64())), "n": pa.array([], pa.int64())})
         return pa.table({"q": [np.quantile(x, probs)], "n": [len(x)]})
 
-    parts = pa.concat_tables(ray.get(ds.select_columns([col]).map_batches(
-        sketch, batch_format="pyarrow", batch_size=None).to_arrow_refs()))
+    with read_errors():
+        parts = pa.concat_tables(ray.get(ds.select_columns([col]).map_batches(
+            sketch, batch_format="pyarrow", batch_size=None).to_arrow_refs()))
     q = np.concatenate([np.asarray(v) for v in parts["q"].to_pylist()])
     w = np.repeat(parts["n"].to_numpy() / _SKETCH, _SKETCH)
     order = np.argsort(q, kind="stable")

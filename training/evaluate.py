@@ -15,7 +15,7 @@ from safetensors.torch import save as save_weights
 
 from raycluster.config import CategoricalFeature, Config
 from training import storage
-from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset
+from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset, usable_rows
 from training.evalmetrics import compute_metrics, roc_auc
 from training.features import GROUP, LABEL, ORACLE, Preprocessor
 from training.models import FieldSpec, model_arch, model_from_arch
@@ -64,7 +64,7 @@ def score_split(cfg: Config, pp: Preprocessor, model: torch.nn.Module, split: st
     """Predictions for every row of a split (arrays of a few numbers per row come back to the driver)."""
     arch = model_arch(cfg.model, fields_of(pp), len(pp.num_columns))
     weights = save_weights({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    ds, _ = split_dataset(cfg)
+    ds = usable_rows(split_dataset(cfg)[0], cfg)  # quarantined rows are not scored either
     scored = ds.map_batches(Scorer, fn_constructor_args=(pp.to_json(), arch, weights, SPLIT_NAMES.index(split),
                                                          slices or []),
                             batch_format="pyarrow", batch_size=cfg.data.batch_size, concurrency=1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
@@ -17,7 +18,16 @@ from ray.data.aggregate import Max, Min, Sum
 
 from raycluster.config import CategoricalFeature, Config, MultiHotFeature, NumericFeature
 from training import storage
-from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset
+from training.data import (
+    LABEL_NULL,
+    SPLIT,
+    SPLIT_NAMES,
+    label_codes,
+    read_errors,
+    s3_options,
+    split_dataset,
+    usable_rows,
+)
 from training.features import DataError, Preprocessor, numeric_transform, raw_values
 
 MATERIALIZE_FRACTION = 0.25  # of the free object store: leave room for Ray Data's own blocks
@@ -76,16 +86,15 @@ class PartialStats:
     def __call__(self, table: pa.Table) -> pa.Table:
         f = self.cfg.features
         split = table.column(SPLIT).to_numpy()
-        raw = table.column(f.label)
-        cols = {c: table.column(c) for c in table.column_names}
-        lab = pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)  # nulls -> nan
-        if f.label_threshold is not None:
-            code = np.where(np.isnan(lab), 2, (lab >= f.label_threshold).astype(np.int64))
-        else:
-            code = np.where(np.isnan(lab), 2, np.where(lab == 1, 1, np.where(lab == 0, 0, 3)))
+        code = label_codes(table.column(f.label), f.label_threshold)
         y = (code == 1).astype(np.float64)
-        parts = [self._by_split(split, code, ["0", "1", "null", "invalid"], _LABEL, y),
-                 self._by_split(split, np.zeros(len(y), np.int64), [""], _ROWS, y)]
+        parts = [self._by_split(split, code, ["0", "1", "null", "invalid"], _LABEL, y)]
+        if self.cfg.data.bad_rows == "quarantine":  # bad-label rows are counted above, and only there
+            good = code < LABEL_NULL
+            if not good.all():
+                table, split, y = table.filter(pa.array(good)), split[good], y[good]
+        cols = {c: table.column(c) for c in table.column_names}
+        parts.append(self._by_split(split, np.zeros(len(y), np.int64), [""], _ROWS, y))
         for feat in f.features:
             arr = raw_values(feat, cols)
             if isinstance(feat, NumericFeature):
@@ -123,19 +132,32 @@ def compute_stats(ds: ray.data.Dataset, cfg: Config) -> Stats:
     partial = ds.map_batches(PartialStats(cfg), batch_format="pyarrow", batch_size=cfg.data.batch_size)
     agg = partial.groupby(["split", "feature", "value"], num_partitions=4).aggregate(
         *[Sum(c, alias_name=c) for c in _STAT_COLS[:4]], Min("min", alias_name="min"), Max("max", alias_name="max"))
-    stats = Stats(agg.to_pandas())
+    with read_errors():
+        frame = agg.to_pandas()
+    if frame.empty:  # no rows at all: an empty frame has no columns either
+        frame = pd.DataFrame({c: pd.Series(dtype=object if c in ("feature", "value") else float)
+                              for c in ("split", "feature", "value") + _STAT_COLS})
+    stats = Stats(frame)
     _validate_labels(stats, cfg)
     return stats
+
+
+def bad_label_rows(stats: Stats) -> int:
+    """Rows whose label is null or not 0/1 (with `quarantine` they are left out of everything else)."""
+    lab = stats.of(_LABEL).set_index("value")["count"]
+    return int(lab.get("null", 0) + lab.get("invalid", 0))
 
 
 def _validate_labels(stats: Stats, cfg: Config) -> None:
     lab = stats.of(_LABEL).set_index("value")["count"]
     col = cfg.features.label
-    if lab.get("null", 0):
-        raise DataError(f"label column {col!r}: {int(lab['null'])} rows have a null label")
-    if lab.get("invalid", 0):
-        raise DataError(f"label column {col!r}: {int(lab['invalid'])} rows are not 0/1; "
-                        "set features.label_threshold to binarize a score")
+    if cfg.data.bad_rows != "quarantine":  # with quarantine: counted, and written aside by `prepare`
+        hint = " (or set data.bad_rows: quarantine to set such rows aside)"
+        if lab.get("null", 0):
+            raise DataError(f"label column {col!r}: {int(lab['null'])} rows have a null label{hint}")
+        if lab.get("invalid", 0):
+            raise DataError(f"label column {col!r}: {int(lab['invalid'])} rows are not 0/1; "
+                            f"set features.label_threshold to binarize a score{hint}")
     rows = stats.of(_ROWS, (0,))["count"].sum()
     if rows == 0:
         raise DataError("the train split is empty: no rows were read (check data.source and the split)")
@@ -184,6 +206,8 @@ def profile(stats: Stats, cfg: Config, top: int = 5) -> dict:
     lab = stats.of(_ROWS)
     out = {"rows": int(lab["count"].sum()), "rows_by_split": rows,
            "label_rate": float(lab["label_sum"].sum() / max(lab["count"].sum(), 1)), "features": {}}
+    if cfg.data.bad_rows == "quarantine":
+        out["quarantined_rows"] = bad_label_rows(stats)
     for f in cfg.features.features:
         s = stats.of(f.name)
         nulls = int(s.loc[s["value"] == NULL, "count"].sum())
@@ -206,6 +230,9 @@ def profile(stats: Stats, cfg: Config, top: int = 5) -> dict:
 def format_profile(p: dict) -> str:
     lines = [f"rows {p['rows']:,}  " + "  ".join(f"{k} {v:,}" for k, v in sorted(p["rows_by_split"].items()))
              + f"  label rate {p['label_rate']:.4f}", ""]
+    if "quarantined_rows" in p:
+        where = f" (written to {p['quarantine']})" if p.get("quarantine") else ""
+        lines.insert(1, f"quarantined {p['quarantined_rows']:,} rows with a null or non-0/1 label{where}")
     lines.append(f"{'feature':<18} {'type':<12} {'nulls':>8} {'cardinality':>11}  top values (count, label rate)")
     for name, f in p["features"].items():
         if f["type"] == "numeric":
@@ -238,8 +265,18 @@ def encode(ds: ray.data.Dataset, pp: Preprocessor, out_dir: str, cfg: Config) ->
                          batch_size=cfg.data.batch_size, concurrency=(1, 8))
     # Bounded files (not one file per split): streamed epochs read them in parallel tasks, blocks
     # stay small in workers, and the training reader can take the files in a new order each epoch.
-    enc.write_parquet(inner, filesystem=fs, partition_cols=["split"],
-                      max_rows_per_file=cfg.data.batch_size * ENCODED_FILE_BATCHES)
+    with read_errors():
+        enc.write_parquet(inner, filesystem=fs, partition_cols=["split"],
+                          max_rows_per_file=cfg.data.batch_size * ENCODED_FILE_BATCHES)
+
+
+def quarantine(ds: ray.data.Dataset, out_dir: str, cfg: Config) -> None:
+    """The rows with a null or non-0/1 label, as read plus `__reason__`, in `out_dir/*.parquet`."""
+    s3 = s3_options(cfg)
+    storage.delete_dir(out_dir, s3)
+    fs, inner = storage.filesystem(out_dir, s3)
+    with read_errors():
+        usable_rows(ds, cfg, bad=True).write_parquet(inner, filesystem=fs)
 
 
 def _samples(ds: ray.data.Dataset, cfg: Config, n: int = 8) -> list[dict]:
@@ -250,7 +287,8 @@ def _samples(ds: ray.data.Dataset, cfg: Config, n: int = 8) -> list[dict]:
     def first(t: pa.Table) -> pa.Table:
         return t.filter(pc.equal(t[SPLIT], 2)).select(keep).slice(0, n)
 
-    rows = ds.map_batches(first, batch_format="pyarrow", batch_size=None).take(n)
+    with read_errors():
+        rows = ds.map_batches(first, batch_format="pyarrow", batch_size=None).take(n)
     return [{k: (v.item() if hasattr(v, "item") else v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
             for r in rows]
 
@@ -338,6 +376,15 @@ def prepare(cfg: Config, out_dir: str | None = None) -> dict:
     stats = compute_stats(ds, cfg)
     pp = fit_preprocessor(stats, cfg, schema)
     prof = profile(stats, cfg)
+    if cfg.data.bad_rows == "quarantine":
+        qdir = storage.join(base, "quarantine")
+        storage.delete_dir(qdir, s3)
+        if prof["quarantined_rows"]:
+            quarantine(ds, qdir, cfg)
+            prof["quarantine"] = qdir
+            print(f"   quarantined {prof['quarantined_rows']:,} rows with a null or non-0/1 label "
+                  f"({cfg.features.label!r}) into {qdir}", flush=True)
+        ds = usable_rows(ds, cfg)
     t1 = time.time()
     encode(ds, pp, storage.join(base, "encoded"), cfg)
     t2 = time.time()

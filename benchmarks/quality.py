@@ -1,0 +1,157 @@
+"""Scoreboard: rankray's models against logreg and LightGBM on one split, test metrics side by side.
+
+    .venv/bin/python benchmarks/quality.py --config configs/movielens.yaml [--seeds 3] [--no-tune]
+        [--set key=value ...] [--json out.json]
+
+Prepares the config's data once (the same preprocessor and split for everyone), then trains on the
+train split and scores the test split:
+- `logreg` (rankray's linear baseline) and the deep models `dcnv2`, `dlrm`, `deepfm`, `wide_deep`,
+  each with the config's settings untouched but for the model name, through `rankray train`
+  (Ray Train, one worker), `--seeds` seeds each (mean ± std);
+- LightGBM on the same encoded columns (categorical and multi-hot slots as native categorical
+  features, numeric as is), early stopping on the valid split;
+- the tuned winner: `rankray tune` with the config's `tune` section (skip with --no-tune).
+Prints AUC, logloss, GAUC (when the config has a group), the Bayes ratio (synthetic data with an
+oracle column) and training seconds. Needs the `bench` extra (`pip install -e .[bench]`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
+import numpy as np
+import pyarrow.parquet as pq
+
+from raycluster.config import Config, config_with, load_config
+from raycluster.rayinit import ensure_ray
+from training import storage
+from training.data import s3_options
+from training.evalmetrics import compute_metrics
+from training.features import GROUP, LABEL, ORACLE
+from training.prepare import ensure_prepared
+from training.trainer import train
+
+DEEP = ["dcnv2", "dlrm", "deepfm", "wide_deep"]
+KEYS = ["auc", "logloss", "gauc", "bayes_ratio"]
+
+
+def read_split(cfg: Config, encoded: str, split: str, columns: list[str]) -> dict[str, np.ndarray]:
+    s3 = s3_options(cfg)
+    fs, _ = storage.filesystem(encoded, s3)
+    files = storage.list_files(storage.join(encoded, f"split={split}"), s3)
+    t = pq.read_table(files, filesystem=fs)
+    return {c: t.column(c).to_numpy() for c in columns if c in t.column_names}
+
+
+def lightgbm_row(cfg: Config, prep: dict, seed: int) -> dict:
+    import lightgbm as lgb
+
+    pp = prep["preprocessor"]
+    cols = pp.cat_columns + pp.num_columns
+    splits = {s: read_split(cfg, prep["encoded"], s, cols + [LABEL, GROUP, ORACLE]) for s in ("train", "valid", "test")}
+
+    def frame(s: str) -> np.ndarray:
+        return np.stack([splits[s][c].astype(np.float32) for c in cols], axis=1)
+
+    t0 = time.time()
+    train_set = lgb.Dataset(frame("train"), splits["train"][LABEL], feature_name=cols,
+                            categorical_feature=pp.cat_columns, free_raw_data=False)
+    valid_set = lgb.Dataset(frame("valid"), splits["valid"][LABEL], reference=train_set)
+    params = {"objective": "binary", "metric": "auc", "learning_rate": 0.05, "num_leaves": 63,
+              "min_data_in_leaf": 100, "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1,
+              "seed": seed, "num_threads": 2, "verbosity": -1}
+    booster = lgb.train(params, train_set, num_boost_round=3000, valid_sets=[valid_set],
+                        callbacks=[lgb.early_stopping(50, verbose=False)])
+    seconds = time.time() - t0
+    test = splits["test"]
+    p = booster.predict(frame("test"), num_iteration=booster.best_iteration)
+    m = compute_metrics(test[LABEL], p, test.get(GROUP) if cfg.features.group else None, test.get(ORACLE))
+    return {"model": f"LightGBM ({booster.best_iteration} trees)", **_pick(m), "seconds": seconds, "n": 1}
+
+
+def _pick(m: dict, prefix: str = "") -> dict:
+    return {k: float(m[prefix + k]) for k in KEYS if prefix + k in m and np.isfinite(m[prefix + k])}
+
+
+def rankray_rows(cfg: Config, name: str, seeds: int, ckpt: str) -> dict:
+    runs = []
+    for seed in range(seeds):
+        c = config_with(cfg, {"model.name": name, "train.seed": seed, "train.storage_path": ckpt})
+        res = train(c, run_name=f"quality-{cfg.run.name}-{name}-s{seed}", write_bundle=False)
+        runs.append({**_pick(res.metrics, "test_"), "seconds": res.seconds})
+        print(f"  {name} seed {seed}: test AUC {runs[-1]['auc']:.4f} in {res.seconds:.0f} s", flush=True)
+    return _aggregate(name, runs)
+
+
+def _aggregate(name: str, runs: list[dict]) -> dict:
+    out: dict = {"model": name, "n": len(runs)}
+    for k in KEYS + ["seconds"]:
+        vals = [r[k] for r in runs if k in r]
+        if vals:
+            out[k] = statistics.mean(vals)
+            out[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def tuned_row(cfg: Config, ckpt: str) -> dict:
+    from tune.search import run_search
+
+    c = config_with(cfg, {"train.storage_path": ckpt, "tune.export_path": storage.join(ckpt, "winner")})
+    res = run_search(c, restart=True)
+    w = res.winner
+    row = {"model": f"tuned winner ({w['params'].get('model.name', cfg.model.name)}, "
+                    f"{cfg.tune.num_samples} trials)", **_pick(w["test"], "test_"), "seconds": res.seconds, "n": 1}
+    row["params"] = w["params"]
+    return row
+
+
+def fmt(row: dict, key: str, digits: int = 4) -> str:
+    if key not in row:
+        return "—"
+    s = f"{row[key]:.{digits}f}"
+    return s + (f" ± {row[key + '_std']:.{digits}f}" if row.get("n", 1) > 1 and key + "_std" in row else "")
+
+
+def table(rows: list[dict]) -> str:
+    keys = [k for k in KEYS if any(k in r for r in rows)]
+    out = ["| model | seeds | " + " | ".join(f"test {k}" for k in keys) + " | train s |",
+           "|---|---|" + "---|" * len(keys) + "---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['n']} | " + " | ".join(fmt(r, k) for k in keys)
+                   + f" | {fmt(r, 'seconds', 0)} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=DEEP)
+    ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.set)
+    ensure_ray(cfg, job_name=f"quality-{cfg.run.name}")
+    prep = ensure_prepared(cfg)
+    rows_by_split = prep["profile"]["rows_by_split"]
+    print(f"{args.config}: train/valid/test rows {rows_by_split}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rankray-quality-") as ckpt:
+        rows = [rankray_rows(cfg, "logreg", 1, ckpt), lightgbm_row(cfg, prep, seed=0)]
+        print(f"  LightGBM: test AUC {rows[-1]['auc']:.4f} in {rows[-1]['seconds']:.0f} s", flush=True)
+        rows += [rankray_rows(cfg, name, args.seeds, ckpt) for name in args.models]
+        if not args.no_tune:
+            rows.append(tuned_row(cfg, ckpt))
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "overrides": args.set, "rows": rows, "split_rows": rows_by_split}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`make bench`: every benchmark in a bounded time, then docs/BENCHMARKS.md written from their output.
+
+    .venv/bin/python benchmarks/run_all.py [--only NAME ...] [--out docs/BENCHMARKS.md]
+
+Each section runs one benchmark as a subprocess (the exact command is written beside its figures),
+keeps what it printed (Ray's own log lines left out) and how long it took. Sizes are chosen so the
+whole run stays under 30 minutes on the 2-core development machine; the benchmarks themselves take
+bigger sizes from their flags. The GPU section is re-measured when CUDA is present, otherwise the
+last GPU figures (docs/gpu-bench.txt, with the machine and date) are included as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+NOISE = re.compile(r"pid=|\x1b\[|^\s*$|INFO|WARNING|Warning|warn\(|Running Dataset|Dataset \S+ execution|"
+                   r"^\s*- |Checkpoint successfully|Reporting training result|View detailed results|"
+                   r"Trial status|^\s*[╭│╰]|Local Ray|Started a local Ray|Tip:|To visualize|Training (started|finished)")
+
+SECTIONS = [
+    ("quality-movielens", "Quality: MovieLens (real ratings, time split)",
+     "Issue 8. Test metrics on the same split for logreg, LightGBM (early stopping on valid), the four deep "
+     "models with the config's defaults (3 seeds, mean ± std) and the tuned winner (the config's `tune` "
+     "section). Targets: tuned >= LightGBM and > logreg; default dcnv2 within 0.005 of LightGBM.",
+     [PY, "benchmarks/quality.py", "--config", "configs/movielens.yaml", "--seeds", "3",
+      "--set", "run.name=bench-movielens"]),
+    ("quality-generated", "Quality: generated marketplace data (1M rows)",
+     "Issue 8. The demo data (`configs/demo.yaml`, 1M generated rows, time split; `p_true` known, so the "
+     "Bayes ratio (auc - 0.5) / (bayes_auc - 0.5) is reported). Same models and targets as above.",
+     [PY, "benchmarks/quality.py", "--config", "configs/demo.yaml", "--seeds", "3",
+      "--set", "run.name=bench-demo"]),
+    ("data", "Data layer: generation, fit, encode",
+     "Issue 2. Synthetic generation and the stats + encode passes over 2M rows (10M: `--rows 10000000`).",
+     [PY, "benchmarks/bench_data.py", "--rows", "2000000", "--out", "data/mk2m", "--shards", "8"]),
+    ("train", "Training and reader throughput",
+     "Issue 3. Bare single-process PyTorch loop (the limit) vs `rankray train` with 1 and 2 workers on "
+     "the same model and data; the encoded-data reader vs raw pyarrow. Targets: 1 worker >= 0.9x the bare "
+     "loop; reader >= 0.8x raw pyarrow.",
+     [PY, "benchmarks/bench_train.py", "--config", "configs/demo.yaml", "--no-shuffle-run"]),
+    ("serve", "Serving: /rank with 100 candidates",
+     "Issue 5. Closed-loop load at several concurrencies against the model forward alone, a bare "
+     "FastAPI/uvicorn process and Ray Serve. Target at 16 clients: Serve QPS >= bare, p99 <= 1.5x.",
+     [PY, "benchmarks/bench_serve.py", "--duration", "8", "--concurrency", "1,8,16,32"]),
+    ("tune", "Hyperparameter search: TPE + ASHA vs random",
+     "Issue 4. Same data, space and trial budget. Target: equal or better AUC with <= 0.5x the "
+     "trial-epochs; trial fixed cost (start -> first step) < 5 s after the first.",
+     [PY, "benchmarks/bench_tune.py", "--rows", "150000", "--trials", "8", "--epochs", "4"]),
+]
+GPU = ("gpu", "GPU train step (no Ray): fp32 vs bf16, batch on device / pinned / pageable",
+       "The GPU path of the loop: autocast, pinned host batches with non-blocking copies.",
+       [PY, "benchmarks/bench_gpu.py", "--steps", "200", "--batch", "2048", "16384", "65536"])
+
+
+def machine() -> str:
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        import ray
+        ray_v = ray.__version__
+    except ImportError:
+        ray_v = "?"
+    return (f"{os.cpu_count()} CPUs, {mem:.0f} GiB RAM, {platform.machine()}, Python {platform.python_version()}, "
+            f"ray {ray_v}, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+
+
+def run(cmd: list[str]) -> tuple[str, float, int]:
+    t0 = time.time()
+    with tempfile.TemporaryFile("w+") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1"}).returncode
+        log.seek(0)
+        lines = [ln.rstrip() for ln in log if not NOISE.search(ln)]
+    return "\n".join(lines[-60:]), time.time() - t0, rc
+
+
+def section(name: str, title: str, about: str, cmd: list[str], out: str, seconds: float, rc: int) -> str:
+    shown = " ".join(["python" if c == PY else c for c in cmd])
+    status = "" if rc == 0 else f"\n**Exited with status {rc}.**\n"
+    tables = [ln for ln in out.splitlines() if ln.startswith("|")]
+    body = "\n".join(tables) + "\n\n<details><summary>full output</summary>\n\n```\n" + out + "\n```\n</details>" \
+        if tables else "```\n" + out + "\n```"
+    return f"## {title}\n\n{about}\n\n`{shown}` ({seconds / 60:.1f} min){status}\n\n{body}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", help="run these sections (names: " + ", ".join(s[0] for s in SECTIONS) + ")")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    import torch
+
+    chosen = [s for s in SECTIONS if not args.only or s[0] in args.only]
+    start, parts, durations = time.time(), [], {}
+    for name, title, about, cmd in chosen:
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        out, seconds, rc = run(cmd)
+        durations[name] = round(seconds)
+        print(out[-3000:] + f"\n   ({seconds:.0f} s, exit {rc})", flush=True)
+        parts.append(section(name, title, about, cmd, out, seconds, rc))
+    gpu_file = ROOT / "docs" / "gpu-bench.txt"
+    if torch.cuda.is_available():
+        out, seconds, rc = run(GPU[3])
+        gpu_file.write_text(f"{dt.date.today()}, {machine()}\n{out}\n")
+    if gpu_file.exists():
+        parts.append(f"## {GPU[1]}\n\n{GPU[2]}\n\n`{' '.join(['python'] + GPU[3][1:])}` "
+                     f"(not re-run without a GPU; figures as last measured)\n\n```\n{gpu_file.read_text().strip()}\n```\n")
+    total = time.time() - start
+    head = (f"# Measured figures\n\nWritten by `make bench` (`benchmarks/run_all.py`) on {dt.date.today()}: "
+            f"{machine()}; load average at the end {os.getloadavg()[0]:.1f}; {total / 60:.1f} min in all. Ratios are "
+            "only compared inside one run. Sections: " + json.dumps(durations) + " seconds.\n")
+    if args.only and Path(args.out).exists():  # keep the sections not re-run
+        old = Path(args.out).read_text().split("\n## ")[1:]
+        rerun = {p.split("\n", 1)[0] for p in (x[3:] for x in parts)}
+        parts += ["## " + p for p in old if p.split("\n", 1)[0] not in rerun and not p.startswith(GPU[1])]
+    Path(args.out).write_text(head + "\n" + "\n".join(parts) + NOTES)
+    print(f"wrote {args.out} in {total / 60:.1f} min")
+
+
+NOTES = """
+## Reading the figures
+
+- Quality: the deep models and logreg train through `rankray train` (Ray Train, one worker) with the
+  config's settings and only `model.name` / `train.seed` changed; LightGBM reads the same encoded
+  columns (categorical and multi-hot slots as native categoricals). "train s" includes Ray Train's
+  start-up for the rankray rows.
+- Speed figures were measured on a 2-core machine shared by nothing else during `make bench`; on a
+  busy machine they drop, the ratios much less.
+- More sizes: `bench_data.py --rows 10000000`, `bench_memory.py` (worker memory at 1M vs 10M rows,
+  not part of `make bench`: ~10 min), `bench_train.py --set data.source=... --set data.generate.rows=4000000`.
+"""
+
+if __name__ == "__main__":
+    main()
