@@ -147,6 +147,9 @@ def main() -> None:
         if not args.no_tune:
             rows.append(tuned_row(cfg, ckpt))
     print(table(rows))
+    for r in rows:
+        if "params" in r:
+            print(f"tuned winner params: {json.dumps(r['params'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "overrides": args.set, "rows": rows, "split_rows": rows_by_split}, f,

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 NOISE = re.compile(r"pid=|\x1b\[|^\s*$|INFO|WARNING|Warning|warn\(|Running Dataset|Dataset \S+ execution|"
                    r"^\s*- |Checkpoint successfully|Reporting training result|View detailed results|"
-                   r"Trial status|^\s*[╭│╰]|Local Ray|Started a local Ray|Tip:|To visualize|Training (started|finished)")
+                   r"Trial status|^\s*[╭│╰]|Local Ray|Started a local Ray|Tip:|To visualize|Training (started|finished)|"
+                   r"core_worker\.cc|\d+%\|")
 
 SECTIONS = [
     ("quality-movielens", "Quality: MovieLens (real ratings, time split)",
@@ -47,15 +48,15 @@ SECTIONS = [
      "Issue 3. Bare single-process PyTorch loop (the limit) vs `rankray train` with 1 and 2 workers on "
      "the same model and data; the encoded-data reader vs raw pyarrow. Targets: 1 worker >= 0.9x the bare "
      "loop; reader >= 0.8x raw pyarrow.",
-     [PY, "benchmarks/bench_train.py", "--config", "configs/demo.yaml", "--no-shuffle-run"]),
+     [PY, "benchmarks/bench_train.py", "--config", "configs/demo.yaml", "--no-shuffle-run", "--bare-seconds", "10"]),
     ("serve", "Serving: /rank with 100 candidates",
      "Issue 5. Closed-loop load at several concurrencies against the model forward alone, a bare "
      "FastAPI/uvicorn process and Ray Serve. Target at 16 clients: Serve QPS >= bare, p99 <= 1.5x.",
-     [PY, "benchmarks/bench_serve.py", "--duration", "8", "--concurrency", "1,8,16,32"]),
+     [PY, "benchmarks/bench_serve.py", "--duration", "6", "--concurrency", "1,8,16,32"]),
     ("tune", "Hyperparameter search: TPE + ASHA vs random",
      "Issue 4. Same data, space and trial budget. Target: equal or better AUC with <= 0.5x the "
      "trial-epochs; trial fixed cost (start -> first step) < 5 s after the first.",
-     [PY, "benchmarks/bench_tune.py", "--rows", "150000", "--trials", "8", "--epochs", "4"]),
+     [PY, "benchmarks/bench_tune.py", "--rows", "100000", "--trials", "6", "--epochs", "4"]),
 ]
 GPU = ("gpu", "GPU train step (no Ray): fp32 vs bf16, batch on device / pinned / pageable",
        "The GPU path of the loop: autocast, pinned host batches with non-blocking copies.",

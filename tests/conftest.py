@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 
@@ -141,3 +142,23 @@ def s3_server() -> Iterator[str]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def train_workers(raylet_pid: int) -> list[psutil.Process]:
+    """Train worker processes of ONE Ray node (the raylet's children): other people's Ray on this
+    machine runs processes with the same names."""
+    out = []
+    for p in psutil.Process(raylet_pid).children(recursive=True):
+        try:
+            if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(out, key=lambda p: p.pid)
+
+
+def raylet_pid(node=None) -> int:
+    import ray
+
+    node = node or ray._private.worker._global_node
+    return node.all_processes["raylet"][0].process.pid

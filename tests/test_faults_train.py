@@ -34,6 +34,8 @@ from training.loop import MANIFEST, CheckpointError, verify_checkpoint
 from training.prepare import encoded_datasets, ensure_prepared
 from training.trainer import make_trainer
 
+from .conftest import raylet_pid as _raylet_pid, train_workers as _train_workers
+
 pytestmark = pytest.mark.slow
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
@@ -129,24 +131,6 @@ def _registered(run_dir) -> tuple[str | None, dict]:
         return None, {}
     latest = snap.get("latest_checkpoint_result") or {}
     return latest.get("checkpoint_dir_name"), latest.get("metrics") or {}
-
-
-def _train_workers(raylet_pid: int) -> list[psutil.Process]:
-    """Train worker processes of ONE Ray node (the raylet's children): other people's Ray on this
-    machine runs processes with the same names."""
-    out = []
-    for p in psutil.Process(raylet_pid).children(recursive=True):
-        try:
-            if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return sorted(out, key=lambda p: p.pid)
-
-
-def _raylet_pid(node=None) -> int:
-    node = node or ray._private.worker._global_node
-    return node.all_processes["raylet"][0].process.pid
 
 
 def _ckpt_dirs(run_dir) -> list[Path]:

@@ -16,6 +16,8 @@ from training.evalmetrics import roc_auc
 from training.trainer import make_trainer, train
 from training.prepare import encoded_datasets, ensure_prepared
 
+from .conftest import raylet_pid, train_workers
+
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
@@ -86,7 +88,6 @@ def test_second_run_with_same_name_resumes(gen_dir, tmp_path):
 
 
 def test_killed_worker_resumes_from_checkpoint(gen_dir, tmp_path):
-    import psutil
     import ray
 
     cfg = _cfg(gen_dir, tmp_path, name="fault", epochs=5, patience=20, max_failures=1)
@@ -101,8 +102,8 @@ def test_killed_worker_resumes_from_checkpoint(gen_dir, tmp_path):
     while time.time() < deadline and not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
         time.sleep(0.2)
     time.sleep(3)  # the controller registers the checkpoint just after its directory appears
-    # Ray names worker processes after the actor they host: kill a real train worker process
-    workers = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+    # Ray names worker processes after the actor they host: kill a real train worker of this test's Ray
+    workers = train_workers(raylet_pid())
     assert workers, "no train worker to kill"
     os.kill(workers[0].pid, signal.SIGKILL)
     th.join(timeout=400)
