@@ -1,6 +1,8 @@
 """/rank with 100 candidates, closed loop, at several client counts: (a) the scorer in-process, no HTTP,
 the c requests scored as one ideal batch (transform + forward); (b) the same Service on bare FastAPI +
-uvicorn (one process, no batching); (c) rankray on Ray Serve (proxy + one replica, dynamic batching).
+uvicorn (one process, no batching); (c) rankray on Ray Serve (one replica, dynamic batching), started as
+`rankray serve` starts it, with each serve.ingress: `proxy` (Serve's HTTP proxy in front) and `direct`
+(the replica answers on the port itself).
 
     .venv/bin/python benchmarks/bench_serve.py [--model BUNDLE] [--duration 10] [--concurrency 1,8,16,32]
 
@@ -13,7 +15,6 @@ import asyncio
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,35 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import raycluster  # noqa: E402,F401 - sets RAY_AUTH_MODE before ray is imported
-from raycluster.config import ServeConfig, load_config  # noqa: E402
+from raycluster.config import ServeConfig  # noqa: E402
+from raycluster.rayinit import free_port  # noqa: E402
+from training.synth import untrained_bundle  # noqa: E402
 
 CONTEXT_FIELDS = ("user_id", "user_country", "user_skills", "hourly_rate", "tier", "hour", "device")
 ITEM_FIELDS = ("job_id", "job_category", "job_skills", "budget", "client_country", "position")
-
-
-def untrained_bundle(path: str) -> str:
-    """A demo-config bundle with a preprocessor fitted on 20k synthetic rows (no Ray needed)."""
-    import pyarrow as pa
-    import torch
-
-    from training import synth
-    from training.bundle import save_bundle
-    from training.data import SPLIT
-    from training.evaluate import fields_of
-    from training.models import build_model, model_arch
-    from training.prepare import PartialStats, Stats, fit_preprocessor
-
-    cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), ["data.generate=null"])
-    table = synth.generate_shard(20_000, 0, 0, 1)
-    table = table.append_column(SPLIT, pa.array(np.zeros(len(table), np.int8)))
-    pp = fit_preprocessor(Stats(PartialStats(cfg)(table).to_pandas()), cfg, table.schema)
-    torch.manual_seed(0)
-    fields = fields_of(pp)
-    model = build_model(cfg.model, fields, len(pp.num_columns))
-    samples = table.select(pp.input_columns).slice(0, 8).to_pylist()
-    save_bundle(path, cfg, pp, model, model_arch(cfg.model, fields, len(pp.num_columns)),
-                metrics={"test_auc": 0.5}, samples=samples)
-    return path
 
 
 def rank_bodies(n_candidates: int, count: int = 8) -> list[dict[str, Any]]:
@@ -173,12 +151,6 @@ def _summary(lat: list[float], duration: float, codes: collections.Counter) -> d
 
 
 # ---------------------------------------------------------------- servers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_bare(bundle: str, port: int) -> None:
     """The baseline server: the same Service as the Serve replica, on one uvicorn worker, no batching."""
     import uvicorn
@@ -211,9 +183,9 @@ def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict
     import ray
     from ray import serve
 
-    from serving.app import build_app
     from serving.client import wait_healthy
     from serving.core import Scorer
+    from serving.run import run_server
     from serving.schema import Schema
 
     bodies = rank_bodies(args.candidates)
@@ -225,25 +197,27 @@ def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict
         res["in-process", c] = inprocess_load(scorer, cols, c, args.duration, args.warmup)
         _report_point("in-process", c, res["in-process", c])
 
-    # both servers up at once and measured alternately, so a neighbour's load hits both alike
-    bare_port, serve_port = _free_port(), _free_port()
+    # bare and Serve up at once and measured alternately, so a neighbour's load hits both alike; Serve
+    # twice, each on its own Ray: serve.ingress proxy (the default) and direct
+    bare_port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port), "--model", bundle])
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-        serve.run(build_app(bundle, ServeConfig()), name="rankray", route_prefix="/")
         wait_healthy(f"http://127.0.0.1:{bare_port}")
-        wait_healthy(f"http://127.0.0.1:{serve_port}")
-        targets = [("bare", bare_port, [proc.pid]), ("serve", serve_port, _serve_pids())]
-        for c in args.concurrency:
-            for name, port, pids in targets:
-                res[name, c] = http_load(port, raw, c, args.duration, args.warmup, pids)
-                _report_point(name, c, res[name, c])
+        for ingress in args.ingress:
+            cfg = ServeConfig(port=free_port(), ingress=ingress)
+            run_server(bundle, cfg, wait=False)  # starts a local Ray set up for this ingress
+            try:
+                targets = [(f"bare/{ingress}", bare_port, [proc.pid]), (f"serve/{ingress}", cfg.port, _serve_pids())]
+                for c in args.concurrency:
+                    for name, port, pids in targets:
+                        res[name, c] = http_load(port, raw, c, args.duration, args.warmup, pids)
+                        _report_point(name, c, res[name, c])
+            finally:
+                serve.shutdown()
+                ray.shutdown()
     finally:
         proc.terminate()
         proc.wait()
-        serve.shutdown()
-        ray.shutdown()
     return res
 
 
@@ -252,17 +226,23 @@ def _report_point(name: str, c: int, r: dict[str, Any]) -> None:
           f" ms/req  non-200 {r['errors']}  (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
-def print_table(res: dict[tuple[str, int], dict[str, Any]], conc: list[int]) -> None:
+def print_table(res: dict[tuple[str, int], dict[str, Any]], conc: list[int], ingress: list[str]) -> None:
+    def cell(r: dict[str, Any]) -> str:
+        return f"{r['qps']:>7.1f} {r['p50']:>6.1f} {r['p99']:>6.1f} {r['cpu_ms']:>5.2f}"
+
     head = f"{'QPS':>7} {'p50':>6} {'p99':>6} {'CPU':>5}"
-    print(f"\n{'clients':>7} | {'in-process, c per batch':^27} | {'bare FastAPI/uvicorn':^27} | "
-          f"{'Ray Serve (rankray)':^27} | serve/bare")
-    print(f"{'':>7} | {head} | {head} | {head} | {'QPS':>5} {'p99':>5}")
+    print(f"\n{'clients':>7} | {'in-process, c per batch':^27}")
+    print(f"{'':>7} | {head}")
     for c in conc:
-        cells = [f"{r['qps']:>7.1f} {r['p50']:>6.1f} {r['p99']:>6.1f} {r['cpu_ms']:>5.2f}"
-                 for r in (res[name, c] for name in ("in-process", "bare", "serve"))]
-        b, s = res["bare", c], res["serve", c]
-        print(f"{c:>7} | " + " | ".join(cells) + f" | {s['qps'] / b['qps']:>5.2f} {s['p99'] / b['p99']:>5.2f}")
-    print("latency in ms; CPU = server-side CPU ms per request (Serve: proxy + replica; in-process: this process)")
+        print(f"{c:>7} | {cell(res['in-process', c])}")
+    print(f"\n{'clients':>7} | {'serve.ingress':<13} | {'bare FastAPI/uvicorn':^27} | {'Ray Serve (rankray)':^27} | serve/bare")
+    print(f"{'':>7} | {'':<13} | {head} | {head} | {'QPS':>5} {'p99':>5}")
+    for c in conc:
+        for i in ingress:
+            b, s = res[f"bare/{i}", c], res[f"serve/{i}", c]
+            print(f"{c:>7} | {i:<13} | {cell(b)} | {cell(s)} | {s['qps'] / b['qps']:>5.2f} {s['p99'] / b['p99']:>5.2f}")
+    print("latency in ms; CPU = server-side CPU ms per request (Serve: proxy + replica; in-process: this process); "
+          "bare is measured alternately with each Serve set-up")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds before each point")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32])
     p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--ingress", type=lambda s: s.split(","), default=["proxy", "direct"], help="serve.ingress modes")
     p.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_server:
@@ -282,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bundle {bundle}; {args.candidates} candidates per /rank; {args.duration:g} s per point; "
               f"{os.cpu_count()} CPUs", flush=True)
         res = run_all(args, bundle)
-    print_table(res, args.concurrency)
+    print_table(res, args.concurrency, args.ingress)
     return 0
 
 

@@ -44,16 +44,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--grace-period", type=float, default=None, help="ASHA's, in epochs (default: the config's)")
+    ap.add_argument("--reduction-factor", type=int, default=None, help="ASHA's (default: the config's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         raw = load_config("configs/demo.yaml").model_dump(mode="json")
         raw["run"] = {"name": "bench-tune", "dir": f"{d}/runs"}
         raw["data"].update(source=f"{d}/data", generate={"rows": args.rows, "seed": 3, "shards": 4})
         raw["ray"].update(num_cpus=2, include_dashboard=True)
-        raw["train"].update(epochs=args.epochs, cpus_per_worker=1, data_cpus=0.5, evals_per_epoch=1,
-                            patience=args.epochs, log_every=10_000)
-        raw["tune"] = {"num_samples": args.trials, "max_concurrent_trials": 1, "grace_period": 1,
-                       "reduction_factor": 3, "seed": 0, "search_space": SPACE}
+        raw["train"].update(epochs=args.epochs, cpus_per_worker=1, data_cpus=0.5,
+                            patience=1_000, log_every=10_000)  # no patience stop: ASHA (or nothing) stops
+        raw["tune"] = {"num_samples": args.trials, "max_concurrent_trials": 1, "seed": 0, "search_space": SPACE}
+        for key in ("grace_period", "reduction_factor"):
+            if getattr(args, key):
+                raw["tune"][key] = getattr(args, key)
         cfg = load_config(raw=raw)
         ensure_ray(cfg)
         prep = ensure_prepared(cfg)
@@ -65,7 +69,7 @@ def main() -> None:
     print("| search | best valid AUC | trial-epochs | trials stopped early | wall s |")
     print("|---|---|---|---|---|")
     for name, r in (("TPE + ASHA", tpe), ("random, no early stop", rnd)):
-        print(f"| {name} | {r['best']:.4f} | {r['trial_epochs']} | {r['stopped']} | {r['wall']:.0f} |")
+        print(f"| {name} | {r['best']:.4f} | {r['trial_epochs']:g} | {r['stopped']} | {r['wall']:.0f} |")
     print(f"AUC difference (TPE+ASHA - random): {tpe['best'] - rnd['best']:+.4f}; "
           f"trial-epochs ratio: {tpe['trial_epochs'] / max(rnd['trial_epochs'], 1):.2f}x")
     s = tpe["startups"] + rnd["startups"]

@@ -52,12 +52,15 @@ SECTIONS = [
      [PY, "benchmarks/bench_train.py", "--config", "configs/demo.yaml", "--no-shuffle-run", "--bare-seconds", "10"]),
     ("serve", "Serving: /rank with 100 candidates",
      "Issue 5. Closed-loop load at several concurrencies against the model forward alone, a bare "
-     "FastAPI/uvicorn process and Ray Serve. Target at 16 clients: Serve QPS >= bare, p99 <= 1.5x.",
+     "FastAPI/uvicorn process and Ray Serve started as `rankray serve` starts it, with `serve.ingress: proxy` "
+     "(the default: Serve's proxy in front) and `direct` (the replica answers on the port itself). Target at "
+     "16 clients: Serve QPS >= bare, p99 <= 1.5x.",
      [PY, "benchmarks/bench_serve.py", "--duration", "6", "--concurrency", "1,8,16,32"]),
     ("tune", "Hyperparameter search: TPE + ASHA vs random",
-     "Issue 4. Same data, space and trial budget. Target: equal or better AUC with <= 0.5x the "
-     "trial-epochs; trial fixed cost (start -> first step) < 5 s after the first.",
-     [PY, "benchmarks/bench_tune.py", "--rows", "100000", "--trials", "6", "--epochs", "4"]),
+     "Issue 4. Same data, space and trial budget; the config's ASHA defaults (rungs at 0.25, 0.75 and 2.25 "
+     "epochs: every evaluation, mid-epoch ones too, reaches Tune). Target: equal or better AUC with <= 0.5x "
+     "the trial-epochs; trial fixed cost (start -> first step) < 5 s after the first.",
+     [PY, "benchmarks/bench_tune.py", "--rows", "100000", "--trials", "8", "--epochs", "4"]),
 ]
 GPU = ("gpu", "GPU train step (no Ray): fp32 vs bf16, batch on device / pinned / pageable",
        "The GPU path of the loop: autocast, pinned host batches with non-blocking copies.",

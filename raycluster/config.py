@@ -170,8 +170,11 @@ class TuneConfig(_Strict):
     num_samples: int = Field(default=8, ge=1)
     max_concurrent_trials: int = Field(default=1, ge=1)
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    grace_period: int = Field(default=1, ge=1)
-    reduction_factor: int = Field(default=2, ge=2)
+    # ASHA, in epochs: a trial runs at least grace_period; at each rung (grace_period x reduction_factor^k)
+    # only the best 1/reduction_factor go on. Fractions stop weak trials at the mid-epoch evaluations
+    # (train.evals_per_epoch): a CTR model's AUC a quarter epoch in already ranks the trials.
+    grace_period: float = Field(default=0.25, gt=0)
+    reduction_factor: int = Field(default=3, ge=2)
     seed: int = 0
     export_path: str | None = None  # winner bundle (local or s3://); default RUN_DIR/winner
 
@@ -193,6 +196,20 @@ class ServeConfig(_Strict):
     max_candidates: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     api_key_env: str | None = None
+    # proxy: Serve's HTTP proxy on host:port routes to the replicas: several replicas, rolling model updates,
+    # a crashed replica replaced in seconds. direct: the one replica answers on host:port itself (Serve's
+    # direct ingress, no proxy hop): ~2.4x the requests per second at a third of the p99 on a small machine
+    # (benchmarks/bench_serve.py), but one replica, a new model replaces the app (a gap of a few seconds) and
+    # a crashed replica may wait ~60 s for the port (the kernel's TIME_WAIT). Serve reads it when its
+    # processes start: it applies to a Serve started by rankray (`rankray serve`, the pipeline).
+    ingress: Literal["proxy", "direct"] = "proxy"
+
+    @model_validator(mode="after")
+    def _direct_is_one_replica(self) -> ServeConfig:
+        if self.ingress == "direct" and self.num_replicas != 1:
+            raise ValueError(f"serve.num_replicas is {self.num_replicas}: serve.ingress 'direct' runs one replica "
+                             "on serve.port; use serve.ingress 'proxy' for several")
+        return self
 
 
 class RayConfig(_Strict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ def run_server(bundle: str, serve_cfg: ServeConfig | None = None, cfg: Config | 
     """Deploy `bundle` as app "rankray" at route "/"; block until Ctrl-C when `wait`. Returns the URL."""
     from ray import serve
 
-    from raycluster.rayinit import ensure_ray
+    from raycluster.rayinit import ensure_ray, free_port
     from serving.app import build_app
 
     pp, _, meta = load_bundle(bundle)  # fail here, with the file named, before anything starts
@@ -43,21 +44,47 @@ def run_server(bundle: str, serve_cfg: ServeConfig | None = None, cfg: Config | 
         serve_cfg = meta["config"].serve  # the serve section the bundle was trained with
     serve_cfg = ServeConfig.model_validate({**serve_cfg.model_dump(), **({"host": host} if host else {}),
                                            **({"port": port} if port else {})})
-    ensure_ray(cfg, job_name="rankray-serve")
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    ensure_ray(cfg, job_name="rankray-serve", serve=serve_cfg)
+    direct = serve_cfg.ingress == "direct"
+    # direct ingress: the replica itself listens on serve.port; Serve's proxy (always started) takes another
+    serve.start(http_options={"host": serve_cfg.host, "port": free_port(serve_cfg.host) if direct else serve_cfg.port})
+    if direct:
+        replacing = "rankray" in serve.status().applications
+        if replacing:  # the port belongs to the running replica: replace the app, no rolling update
+            serve.delete("rankray")
+        _wait_port_free(serve_cfg.host, serve_cfg.port, 60.0 if replacing else 0.0)
     serve.run(build_app(bundle, serve_cfg), name="rankray", route_prefix="/")
     shown = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "::") else serve_cfg.host
     url = f"http://{shown}:{serve_cfg.port}"
     try:
-        wait_healthy(url, health_timeout_s)
+        # a direct replica listens by the time serve.run returns: not answering means Serve ignored the mode
+        wait_healthy(url, 20.0 if direct else health_timeout_s)
     except TimeoutError as e:
-        raise ServeStartError(f"{e}; if Serve was already running on this cluster, it kept its own host and port") \
-            from None
+        hint = ("direct ingress needs a Serve started by rankray with it (its processes read it when they start): "
+                "run `serve shutdown` first, or set serve.ingress: proxy") if direct else \
+            "if Serve was already running on this cluster, it kept its own host and port"
+        raise ServeStartError(f"{e}; {hint}") from None
     print(f"rankray is serving {bundle} at {url}  (API docs: {url}/docs)")
     print(curl_line(url, body, serve_cfg.api_key_env), flush=True)
     if wait:
         serve_until_interrupted()
     return url
+
+
+def _wait_port_free(host: str, port: int, timeout: float) -> None:
+    """The direct replica binds serve.port itself, and Serve gives up on a port it failed to bind: make sure
+    it is free first (a replaced replica may hold it a moment after serve.delete returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise ServeStartError(f"serve.port {port} on {host} is in use ({e.strerror}): choose another "
+                                          "serve.port (--port)") from None
+        time.sleep(0.2)
 
 
 def serve_until_interrupted() -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,26 @@ import pyarrow as pa
 import pytest
 
 import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
+from raycluster.rayinit import free_port as _free_port  # noqa: F401,E402
+from training.synth import untrained_bundle as make_bundle  # noqa: F401,E402 - serving tests' bundles
+
+
+def burst_codes(send: Callable[[], Any], n: int = 24) -> list[int]:
+    """Status codes of `n` calls of `send` released together; a 503 without Retry-After counts as -503."""
+    codes: list[int] = []
+    gate = threading.Barrier(n)
+
+    def hit() -> None:
+        gate.wait()
+        r = send()
+        codes.append(r.status_code if r.status_code != 503 or r.headers.get("retry-after") == "1" else -503)
+
+    threads = [threading.Thread(target=hit) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
 
 
 def small_table(n: int = 4000, seed: int = 0) -> pa.Table:
@@ -45,31 +66,6 @@ SMALL_FEATURES = {
         {"name": "price", "type": "numeric", "transform": "log1p"},
     ],
 }
-
-
-def make_bundle(path: str, seed: int = 0) -> str:
-    """A serving bundle: the demo spec, a preprocessor fitted by training's own code on 20k synthetic rows
-    (no Ray), random weights drawn with `seed` (another seed: another model, another version)."""
-    import torch
-
-    from raycluster.config import load_config
-    from training import synth
-    from training.bundle import save_bundle
-    from training.data import SPLIT
-    from training.evaluate import fields_of
-    from training.models import build_model, model_arch
-    from training.prepare import PartialStats, Stats, fit_preprocessor
-
-    cfg = load_config("configs/demo.yaml", ["data.generate=null"])
-    table = synth.generate_shard(20_000, 0, 0, 1)
-    table = table.append_column(SPLIT, pa.array(np.zeros(len(table), np.int8)))
-    pp = fit_preprocessor(Stats(PartialStats(cfg)(table).to_pandas()), cfg, table.schema)
-    torch.manual_seed(seed)
-    fields = fields_of(pp)
-    model = build_model(cfg.model, fields, len(pp.num_columns))
-    save_bundle(path, cfg, pp, model, model_arch(cfg.model, fields, len(pp.num_columns)),
-                metrics={"test_auc": 0.5}, samples=table.select(pp.input_columns).slice(0, 8).to_pylist())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +110,6 @@ def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
