@@ -140,7 +140,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     storage.write_text(fp_file, fp, s3)
     tc = cfg.tune
     if random_search:  # Tune's random sampling of the same space, seeded
-        search_alg = BasicVariantGenerator(random_state=tc.seed)
+        search_alg = BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
     else:
         sampler = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)),
                                              multivariate=True)
