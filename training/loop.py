@@ -387,12 +387,7 @@ def train_loop(config: dict) -> None:
                     f"samples/s {(seen - tick_seen) / max(now - tick, 1e-9):,.0f} (rank 0)")
                 tick, tick_seen = now, seen
             if steps in mid_evals:  # equal shards: every rank reaches the same step, so DDP stays in step
-                at = state.epoch + mid_evals[steps]
-                # reported without a checkpoint (those come at epoch ends): lets Tune's ASHA stop a weak
-                # trial a fraction of an epoch in (tune.grace_period)
-                metrics = evaluate(at)
-                ray.train.report({"epoch": at, **metrics, "best_valid_auc": state.best_auc,
-                                  "first_step_at": first_step_at, "final": False})
+                evaluate(state.epoch + mid_evals[steps])
                 model.train()
                 tick, tick_seen = time.time(), seen  # the step log's samples/s leaves evaluation out too
                 if state.bad_epochs >= t.patience:
