@@ -171,8 +171,8 @@ class TuneConfig(_Strict):
     max_concurrent_trials: int = Field(default=1, ge=1)
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # ASHA, in epochs: a trial runs at least grace_period; at each rung (grace_period x reduction_factor^k)
-    # only the best 1/reduction_factor go on. Fractions stop weak trials at the mid-epoch evaluations
-    # (train.evals_per_epoch): a CTR model's AUC a quarter epoch in already ranks the trials.
+    # only the best 1/reduction_factor go on. Rungs are decided at the epoch-end reports, so the default
+    # 0.25 x 3^k stops weak trials after epochs 1 and 3.
     grace_period: float = Field(default=0.25, gt=0)
     reduction_factor: int = Field(default=3, ge=2)
     seed: int = 0

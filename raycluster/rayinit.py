@@ -44,7 +44,7 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None, serve:
     if job_name:
         kwargs["job_config"] = ray.job_config.JobConfig(metadata={"job_name": job_name})
     # Ray Train's controller polls its workers this often (default 2 s): a worker's report waits for the
-    # poll, so mid-epoch reports cost up to 2 s each, and every run ends up to 2 s after its last step
+    # poll, and every run (every Tune trial) ends up to 2 s after its last step
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", **serve_env(serve or (cfg.serve if cfg else None))}
     # what the environment (or `ray job submit --runtime-env`) already sets wins, and never conflicts
     env = {k: v for k, v in env.items() if k not in os.environ}

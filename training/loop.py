@@ -333,9 +333,7 @@ def train_loop(config: dict) -> None:
     # train.batch_size is the global batch: results do not change with the number of workers
     batch = max(1, t.batch_size // ctx.get_world_size())
     steps_per_epoch = max(1, config["train_rows"] // ctx.get_world_size() // batch)
-    # step -> the fraction of the epoch it ends (a nominal k/evals_per_epoch: Tune's ASHA rungs sit on these)
-    mid_evals = {round(k * steps_per_epoch / t.evals_per_epoch): k / t.evals_per_epoch
-                 for k in range(1, t.evals_per_epoch)}
+    mid_evals = {round(k * steps_per_epoch / t.evals_per_epoch) for k in range(1, t.evals_per_epoch)}
 
     eval_seconds = 0.0  # per epoch: evaluation time, kept out of train_seconds
 
@@ -387,7 +385,7 @@ def train_loop(config: dict) -> None:
                     f"samples/s {(seen - tick_seen) / max(now - tick, 1e-9):,.0f} (rank 0)")
                 tick, tick_seen = now, seen
             if steps in mid_evals:  # equal shards: every rank reaches the same step, so DDP stays in step
-                evaluate(state.epoch + mid_evals[steps])
+                evaluate(state.epoch + steps / steps_per_epoch)
                 model.train()
                 tick, tick_seen = time.time(), seen  # the step log's samples/s leaves evaluation out too
                 if state.bad_epochs >= t.patience:

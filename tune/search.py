@@ -222,19 +222,17 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, Any]:
-    """Best valid trial: its best weights from its last checkpoint, evaluated on test, bundled atomically.
-    Trials compare by the best validation AUC their last checkpoint holds weights for (a trial ASHA stopped
-    mid-epoch may have seen a better AUC after it, whose weights were never saved)."""
-    saved = {id(r): checkpointed(r) for r in grid if r.error is None and r.metrics}
-    ok = [r for r in grid if saved.get(id(r))]
+    """Best valid trial: its best weights from its last checkpoint, evaluated on test, bundled atomically."""
+    ok = [r for r in grid if r.error is None and _finite((r.metrics or {}).get(METRIC))]
     if not ok:
         errors = [f"{os.path.basename(r.path or '?')}: {r.error}" for r in grid if r.error is not None]
-        raise RuntimeError("no trial saved a checkpoint with a validation AUC"
-                           + (": " + "; ".join(errors[:3]) if errors else ""))
-    best = max(ok, key=lambda r: saved[id(r)][0])
-    best_auc, ckpt_path = saved[id(best)]
+        raise RuntimeError("no trial finished with a validation AUC" + (": " + "; ".join(errors[:3]) if errors else ""))
+    best = max(ok, key=lambda r: r.metrics[METRIC])
     params = trial_params(cfg, best.config)
     wcfg = trial_config(cfg, params)
+    ckpt_path = best.metrics.get(CHECKPOINT_PATH_KEY)  # every report carries a checkpoint
+    if not ckpt_path:
+        raise RuntimeError(f"trial {best.metrics.get('trial_id')} reported no checkpoint")
     _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
     model, arch = best_model_from(ray.train.Checkpoint(ckpt_path, filesystem=fs), wcfg, prep["preprocessor"])
     trial_id = best.metrics.get("trial_id")
@@ -242,16 +240,7 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, An
             "search": storage.join(cfg.run_dir, "tune", "search")}
     metrics = {k: v for k, v in best.metrics.items() if _finite(v) or isinstance(v, (str, bool))}
     test = export_bundle(wcfg, prep["preprocessor"], model, arch, metrics, prep, path, info=info)
-    return {"trial_id": trial_id, "params": params, "best_valid_auc": best_auc, "test": test}
-
-
-def checkpointed(result: Any) -> tuple[float, str] | None:
-    """(best validation AUC, path) of the trial's latest checkpoint. Mid-epoch reports carry none, so for a
-    trial ASHA stopped mid-epoch it is an earlier result's."""
-    df = result.metrics_dataframe
-    rows = df.to_dict("records") if df is not None else [result.metrics]
-    rows = [r for r in rows if isinstance(r.get(CHECKPOINT_PATH_KEY), str) and _finite(r.get(METRIC))]
-    return (float(rows[-1][METRIC]), rows[-1][CHECKPOINT_PATH_KEY]) if rows else None
+    return {"trial_id": trial_id, "params": params, "best_valid_auc": best.metrics[METRIC], "test": test}
 
 
 def winner_path(cfg: Config) -> str:
