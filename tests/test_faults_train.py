@@ -78,7 +78,7 @@ def _cfg(gen, storage_path, **train):
     raw["ray"] = {**raw.get("ray", {}), "num_cpus": 2, "include_dashboard": False}
     raw["train"].update({"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 4, "batch_size": 2048,
                          "storage_path": str(storage_path), "log_every": 20, "patience": 50, "seed": 0,
-                         **train})
+                         "evals_per_epoch": 1, **train})  # one evaluation per epoch: faults are the subject
     return load_config(raw=raw)
 
 

@@ -66,7 +66,7 @@ def test_gradients_reach_every_table(name: str) -> None:
     model = build_model(small_cfg(name), FIELDS, N)
     model(*batch()).pow(2).sum().backward()
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    assert len(tables) == len(FIELDS) * (2 if name in ("deepfm", "wide_deep") else 1)
+    assert len(tables) == len(FIELDS) * (2 if name in ("deepfm", "wide_deep", "dcnv2") else 1)  # + first order
     for t in tables:
         assert t.weight.grad is not None and t.weight.grad.abs().sum() > 0
         assert t.weight.grad[0].abs().sum() == 0  # padding row is never trained
@@ -218,6 +218,31 @@ def test_dcnv2_without_mlp_or_cross() -> None:
 def test_build_errors_are_clear(make, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_dcnv2_first_order_adds_one_weight_per_value(tmp_path) -> None:
+    """model.first_order (on by default): logreg's per-value weights added to dcnv2's logit."""
+    assert build_model(small_cfg("dcnv2", first_order=False), FIELDS, N).linear is None
+    cfg = small_cfg("dcnv2")
+    model = build_model(cfg, FIELDS, N).eval()
+    x_cat, x_num = batch()
+    with torch.no_grad():
+        before = model(x_cat, x_num)
+        user = int(x_cat[0, 0])
+        model.linear.weights.tables[0].weight[user] += 0.5  # the first field's weight for one user id
+        after = model(x_cat, x_num)
+    same = x_cat[:, 0] == user
+    assert torch.allclose(after[same] - before[same], torch.full((int(same.sum()),), 0.5), atol=1e-5)
+    assert torch.equal(after[~same], before[~same])
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    again = model_from_arch(json.loads(json.dumps(model_arch(cfg, FIELDS, N)))).eval()
+    again.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(again(x_cat, x_num), after)
+    # an arch saved before the option existed rebuilds the model it described: no first-order part
+    old = model_arch(small_cfg("dcnv2", first_order=False), FIELDS, N)
+    del old["hparams"]["first_order"]
+    assert model_from_arch(old).linear is None
 
 
 def test_forward_rejects_wrong_shapes() -> None:

@@ -208,9 +208,10 @@ class DCNv2(_Ranker):
 
     def __init__(self, fields: Sequence[FieldSpec], num_numeric: int, embedding_dim: int = 16,
                  mlp: Sequence[int] = (256, 128), cross_layers: int = 3, cross_rank: int | None = None,
-                 dropout: float = 0.0, sparse: bool = False) -> None:
+                 dropout: float = 0.0, sparse: bool = False, first_order: bool = False) -> None:
         super().__init__(fields, num_numeric)
         _check_hparams(embedding_dim, mlp, dropout)
+        self.linear = Linear(fields, num_numeric, sparse=sparse) if first_order else None
         if cross_rank is not None and cross_layers == 0:
             raise ValueError("cross_rank is set but cross_layers == 0: there is no cross net to make low-rank")
         self.embedding = FieldEmbedding(fields, embedding_dim, sparse=sparse)
@@ -225,7 +226,8 @@ class DCNv2(_Ranker):
     def _logits(self, x_cat: Tensor, x_num: Tensor) -> Tensor:
         x0 = torch.cat([self.embedding(x_cat).flatten(1), x_num], dim=1)
         parts = ([self.cross(x0)] if self.use_cross else []) + ([self.mlp(x0)] if self.use_mlp else [])
-        return self.head(torch.cat(parts, dim=1))
+        out = self.head(torch.cat(parts, dim=1))
+        return out + self.linear(x_cat, x_num) if self.linear is not None else out
 
 
 class DLRM(_Ranker):
@@ -318,7 +320,7 @@ def build_model(cfg: ModelConfig, fields: Sequence[FieldSpec], num_numeric: int,
         return LogReg(fields, num_numeric, sparse=sparse)
     kw: dict[str, Any] = dict(embedding_dim=cfg.embedding_dim, mlp=list(cfg.mlp), dropout=cfg.dropout, sparse=sparse)
     if cfg.name == "dcnv2":
-        kw.update(cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank)
+        kw.update(cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank, first_order=cfg.first_order)
     return MODELS[cfg.name](fields, num_numeric, **kw)
 
 
@@ -336,4 +338,6 @@ def model_from_arch(arch: dict[str, Any], sparse: bool = False) -> nn.Module:
     if arch["version"] != ARCH_VERSION:
         raise ValueError(f"model arch version {arch['version']} is not supported (expected {ARCH_VERSION})")
     fields = [FieldSpec(**f) for f in arch["fields"]]
-    return build_model(ModelConfig(**arch["hparams"]), fields, int(arch["num_numeric"]), sparse=sparse)
+    # bundles written before model.first_order existed hold a dcnv2 without it
+    hparams = {"first_order": False, **arch["hparams"]}
+    return build_model(ModelConfig(**hparams), fields, int(arch["num_numeric"]), sparse=sparse)
