@@ -208,7 +208,7 @@ class DCNv2(_Ranker):
 
     def __init__(self, fields: Sequence[FieldSpec], num_numeric: int, embedding_dim: int = 16,
                  mlp: Sequence[int] = (256, 128), cross_layers: int = 3, cross_rank: int | None = None,
-                 dropout: float = 0.0, sparse: bool = False, first_order: bool = False) -> None:
+                 dropout: float = 0.0, sparse: bool = False, first_order: bool = True) -> None:
         super().__init__(fields, num_numeric)
         _check_hparams(embedding_dim, mlp, dropout)
         self.linear = Linear(fields, num_numeric, sparse=sparse) if first_order else None
