@@ -47,6 +47,15 @@ class NumericFeature(_FeatureBase):
     type: Literal["numeric"]
     transform: Literal["none", "log1p"] = "none"
     fill: float | None = None  # value for nulls before the transform; None = the fitted mean
+    # A history feature made in `prepare`: per row, how many rows with the same value of this column
+    # came strictly earlier (features.time), over all splits. Serving takes it from the request by `name`.
+    count_by: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _count_is_derived(self) -> NumericFeature:
+        if self.count_by is not None and (self.source is not None or self.regex is not None):
+            raise ValueError(f"feature {self.name!r}: count_by makes the column itself; it cannot have source or regex")
+        return self
 
 
 class MultiHotFeature(_FeatureBase):
@@ -76,7 +85,14 @@ class FeaturesConfig(_Strict):
             raise ValueError(f"duplicate feature names: {dup}")
         if self.label in names:
             raise ValueError(f"label column {self.label!r} is also listed as a feature")
+        for f in self.count_features:
+            if not self.time:
+                raise ValueError(f"feature {f.name!r}: count_by counts earlier rows, so features.time must be set")
         return self
+
+    @property
+    def count_features(self) -> list[NumericFeature]:
+        return [f for f in self.features if isinstance(f, NumericFeature) and f.count_by is not None]
 
 
 # ---------------------------------------------------------------- data

@@ -110,6 +110,26 @@ def test_unseen_values_map_to_oov_after_fit(data_dir, tmp_path):
     assert set(pp.transform({c: small_table(50).column(c) for c in small_table(50).column_names})["user"]) == {OOV}
 
 
+def _count_cfg(source: str, tmp_path, name: str = "user_seen", key: str = "user"):
+    feats = {**SMALL_FEATURES, "features": SMALL_FEATURES["features"] + [
+        {"name": name, "type": "numeric", "transform": "log1p", "count_by": key}]}
+    return load_config(raw={"run": {"dir": str(tmp_path / "runs"), "name": "t"},
+                            "data": {"source": source, "split": {"kind": "time"}}, "features": feats})
+
+
+def test_count_feature_counts_each_keys_earlier_rows_over_all_splits(data_dir, tmp_path):
+    ds, schema = split_dataset(_count_cfg(data_dir, tmp_path))
+    t = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    assert t.num_rows == 6000 and "__count_key__" not in t.column_names
+    assert schema.field("user_seen").type == pa.float64() and set(t[SPLIT].to_pylist()) == {0, 1, 2}
+    df = t.select(["user", "ts", "user_seen"]).to_pandas()
+    np.testing.assert_array_equal(df["user_seen"], df.groupby("user")["ts"].rank(method="min") - 1)
+    with pytest.raises(DataError, match=r"'nope' \(count_by of feature 'user_seen'\)"):
+        split_dataset(_count_cfg(data_dir, tmp_path, key="nope"))
+    with pytest.raises(DataError, match=r"\['ts'\] already exist, but count_by features make them"):
+        split_dataset(_count_cfg(data_dir, tmp_path, name="ts"))
+
+
 @pytest.mark.parametrize("mutate, needle", [
     (lambda t: t.drop_columns(["price"]), "'price' (feature 'price')"),
     (lambda t: t.set_column(t.schema.get_field_index("clicked"), "clicked", pa.array(["yes"] * t.num_rows)),

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from raycluster.config import FeaturesConfig, load_config
-from training.data import SPLIT, Splitter
+from training.data import SPLIT, Splitter, earlier_counts
 from training.features import FIRST, LABEL, OOV, PAD, DataError, Preprocessor, label_values
 
 from .conftest import SMALL_FEATURES, small_table
@@ -101,6 +101,17 @@ def test_time_split_puts_the_future_in_test():
     s = Splitter("time", 0.2, 0.2, 0, time_col="ts", cutoffs=cut)(t)
     ts, split = t.column("ts").to_numpy(), s.column(SPLIT).to_numpy()
     assert ts[split == 0].max() < ts[split == 1].min() <= ts[split == 1].max() < ts[split == 2].min()
+
+
+def test_earlier_counts_count_strictly_earlier_rows_of_the_same_key():
+    rng = np.random.default_rng(3)
+    key = pa.array(rng.choice(["a", "b", "c", None], 500).tolist())  # shuffled rows, ties in time, a null key
+    t = rng.integers(0, 40, 500).astype(np.float64)
+    got = earlier_counts(pa.chunked_array([key.slice(0, 200), key.slice(200)]), t)
+    k = key.to_pylist()
+    want = [np.nan if k[i] is None else sum(k[j] == k[i] and t[j] < t[i] for j in range(500)) for i in range(500)]
+    np.testing.assert_array_equal(got, want)
+    assert earlier_counts(pa.array(["x", "x", "x"]), np.array([5.0, 5.0, 1.0])).tolist() == [1, 1, 0]
 
 
 def test_regex_derived_numeric():

@@ -20,11 +20,12 @@ import ray.data
 from raycluster.config import Config, MultiHotFeature, NumericFeature
 from training import storage
 from training.features import HASH_KEY as _KEY
-from training.features import DataError
+from training.features import DataError, stable_hash
 
 SPLIT = "__split__"
 SPLIT_NAMES = ("train", "valid", "test")
 _SKETCH = 1025
+_COUNT_KEY = "__count_key__"
 
 
 def s3_options(cfg: Config) -> storage.S3Options:
@@ -207,6 +208,57 @@ class Splitter:
         return table.append_column(SPLIT, pa.array(self.assign(table), pa.int8()))
 
 
+def earlier_counts(key: pa.Array | pa.ChunkedArray, t: np.ndarray) -> np.ndarray:
+    """Per row: how many rows with the same key have a strictly earlier time (rows at the same time
+    do not count each other); NaN where the key is null."""
+    key = key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
+    code = pc.dictionary_encode(key).indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((t, code))
+    c, x = code[order], t[order]
+    first_of_key = np.searchsorted(c, c, side="left")
+    new = np.ones(len(c), bool)
+    new[1:] = (c[1:] != c[:-1]) | (x[1:] != x[:-1])
+    first_of_time = np.maximum.accumulate(np.where(new, np.arange(len(c)), 0))  # first row of (key, time)
+    out = np.empty(len(c))
+    out[order] = first_of_time - first_of_key
+    out[code < 0] = np.nan
+    return out
+
+
+class _CountKey:
+    """Adds an int64 hash of the `count_by` column to group on (null keys form one group)."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return table.append_column(_COUNT_KEY, pa.array(stable_hash(table.column(self.column).combine_chunks()).view(np.int64)))
+
+
+def _count_group(table: pa.Table, name: str, key: str, time_col: str) -> pa.Table:
+    """`map_groups` UDF: the rows of one key's group get the count feature's column."""
+    t = time_numbers(table.column(time_col), time_col)
+    if np.isnan(t).any():
+        raise DataError(f"time column {time_col!r}: {int(np.isnan(t).sum())} rows have no time "
+                        f"(count feature {name!r} orders rows by it)")
+    n = earlier_counts(table.column(key), t)
+    return table.drop_columns([_COUNT_KEY]).append_column(name, pa.array(n, mask=np.isnan(n)))
+
+
+def with_counts(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """Adds every `count_by` feature's column: one group-by per key, then the rows are materialized
+    (the object store keeps them) so the passes after this one do not shuffle again."""
+    f = cfg.features
+    for c in f.count_features:
+        ds = (ds.map_batches(_CountKey(c.count_by), batch_format="pyarrow", batch_size=None)
+              .groupby(_COUNT_KEY).map_groups(_count_group, batch_format="pyarrow",
+                                              fn_kwargs={"name": c.name, "key": c.count_by, "time_col": f.time}))
+    if not f.count_features:
+        return ds
+    with read_errors():
+        return ds.materialize()
+
+
 LABEL_OK, LABEL_NULL, LABEL_INVALID = 0, 2, 3  # label codes besides 1; null/invalid are the bad rows
 BAD_LABEL_REASONS = {LABEL_NULL: "null label", LABEL_INVALID: "label not 0/1"}
 REASON = "__reason__"
@@ -263,18 +315,24 @@ def _check_schema(schema: pa.Schema, cfg: Config, where: str) -> None:
     if schema is None:  # Ray Data found no block at all (e.g. CSV files with a header only)
         raise DataError(f"data source {where}: no rows: nothing could be read from its files")
     have = dict(zip(schema.names, schema.types))
-    needed = [(f.label, "label")] + [(x.column, f"feature {x.name!r}") for x in f.features]
+    counts = f.count_features
+    needed = [(f.label, "label")] + [(x.column, f"feature {x.name!r}") for x in f.features if x not in counts]
+    needed += [(x.count_by, f"count_by of feature {x.name!r}") for x in counts]
     needed += [(c, role) for c, role in ((f.group, "group"), (f.time, "time"), (f.oracle, "oracle")) if c]
     missing = [f"{c!r} ({role})" for c, role in needed if c not in have]
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(missing)}; columns present: {sorted(have)}")
+    made = [x.name for x in counts if x.name in have]
+    if made:
+        raise DataError(f"{where}: column(s) {made} already exist, but count_by features make them: "
+                        "rename the feature or drop count_by to use the column as it is")
     lab = have[f.label]
     if not (pa.types.is_integer(lab) or pa.types.is_floating(lab) or pa.types.is_boolean(lab)):
         raise DataError(f"{where}: label column {f.label!r} has type {lab}, expected 0/1 numbers or booleans")
     for x in f.features:
-        t = have[x.column]
-        if x.regex:
+        if x.regex or x in counts:
             continue
+        t = have[x.column]
         if isinstance(x, NumericFeature) and not (pa.types.is_integer(t) or pa.types.is_floating(t)
                                                   or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
             raise DataError(f"{where}: numeric feature {x.name!r} (column {x.column!r}) has type {t}")
@@ -345,9 +403,13 @@ def split_dataset(cfg: Config) -> tuple[ray.data.Dataset, pa.Schema]:
             ds, schema = _with_joins(read_source(src, cfg), cfg)
             _check_schema(schema, cfg, src)
             parts.append(ds.map_batches(Splitter("given", 0, 0, 0, fixed=i), batch_format="pyarrow", batch_size=None))
-        return parts[0].union(*parts[1:]), schema
-    ds, schema = _with_joins(read_source(cfg.data.source, cfg), cfg)
-    _check_schema(schema, cfg, cfg.data.source)
-    cut = time_cutoffs(ds, cfg) if sp.kind == "time" else None
-    splitter = Splitter(sp.kind, sp.valid_fraction, sp.test_fraction, sp.seed, cfg.features.time, cut)
-    return ds.map_batches(splitter, batch_format="pyarrow", batch_size=None), schema
+        ds = parts[0].union(*parts[1:])
+    else:
+        ds, schema = _with_joins(read_source(cfg.data.source, cfg), cfg)
+        _check_schema(schema, cfg, cfg.data.source)
+        cut = time_cutoffs(ds, cfg) if sp.kind == "time" else None
+        splitter = Splitter(sp.kind, sp.valid_fraction, sp.test_fraction, sp.seed, cfg.features.time, cut)
+        ds = ds.map_batches(splitter, batch_format="pyarrow", batch_size=None)
+    for c in cfg.features.count_features:
+        schema = schema.append(pa.field(c.name, pa.float64()))
+    return with_counts(ds, cfg), schema
