@@ -189,6 +189,8 @@ class TuneConfig(_Strict):
     num_samples: int = Field(default=8, ge=1)
     max_concurrent_trials: int = Field(default=1, ge=1)
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # settings tried first, in order (e.g. today's production settings), each giving every key of the space
+    start_points: list[dict[str, Any]] = Field(default_factory=list)
     # ASHA, in epochs: a trial runs at least grace_period; at each rung (grace_period x reduction_factor^k)
     # only the best 1/reduction_factor go on. Rungs are decided at the epoch-end reports, so the default
     # 0.25 x 3^k stops weak trials after epochs 1 and 3.

@@ -47,9 +47,6 @@ def _raw(gen_dir, tmp_path, name="s", **tune):
     raw["data"].update(source=gen_dir, generate=None)
     raw["train"].update({"epochs": 3, "cpus_per_worker": 1, "data_cpus": 0.5, "evals_per_epoch": 1,
                          "patience": 3, "log_every": 1000})
-    # The trial order ASHA sees here was measured with dcnv2 without its first-order part: with it, TPE's
-    # 4 seeded trials improved in turn at epoch 1, so none fell below the rung's cutoff.
-    raw["model"]["first_order"] = False
     raw["tune"] = {"num_samples": 4, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 2,
                    "seed": 0, "export_path": str(tmp_path / "winner"), "search_space": SPACE, **tune}
     return raw
@@ -76,13 +73,24 @@ def _result_lines(exp_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+# tried first, in this order: the second learns almost nothing by its epoch-1 rung, where the only
+# earlier result is the first's, so ASHA must stop it whatever TPE proposes after them
+START = [{"train.lr": 0.01, "model.embedding_dim": 8, "model.mlp": [64, 32]},
+         {"train.lr": 0.00001, "model.embedding_dim": 4, "model.mlp": [16]}]
+
+
 def test_search_stops_weak_trials_and_exports_the_best_valid_trial(gen_dir, tmp_path):
-    cfg = load_config(raw=_raw(gen_dir, tmp_path))
+    cfg = load_config(raw=_raw(gen_dir, tmp_path, start_points=START))
     res = run_search(cfg)
     table = res.table
     assert len(table) == 4 and not any(r["error"] for r in table)
     assert any(r["stopped_by"] == "asha" for r in table), table  # ASHA ended at least one trial early
     stopped = [r for r in table if r["stopped_by"] == "asha"]
+    made = {p.name.split("_")[2]: int(p.name.split("_")[3])  # Tune's trial dirs: _trial_<id>_<n>_<params>_<time>
+            for p in (tmp_path / "runs" / "s" / "tune" / "search").glob("_trial_*")}
+    tried = sorted(table, key=lambda r: made[r["trial"]])
+    assert [{k: r[k] for k in SPACE} for r in tried[:2]] == START
+    assert tried[1]["stopped_by"] == "asha" and tried[1]["epochs_run"] == 1
     assert all(r["epochs_run"] < cfg.train.epochs for r in stopped)
     best = max(table, key=lambda r: r["best_valid_auc"])
     assert res.winner["trial_id"] == best["trial"]
@@ -152,6 +160,11 @@ def test_bad_search_space_fails_before_any_trial(gen_dir, tmp_path):
         cfg = load_config(raw={**_raw(gen_dir, tmp_path), "tune": {"search_space": {key: spec}}})
         with pytest.raises(ConfigError, match=f"tune.search_space.{key}"):
             parse_space(cfg)
+    start_cases = {"tune.start_points.0: a start point gives every key": [START[0] | {"train.epochs": 2}],
+                   "tune.start_points.1.train.lr: 0.5 is outside": [START[0], START[1] | {"train.lr": 0.5}]}
+    for needle, points in start_cases.items():
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            parse_space(load_config(raw=_raw(gen_dir, tmp_path, start_points=points)))
     # through the CLI: exit 2 naming the key, and no search directory was created
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({**_raw(gen_dir, tmp_path, name="bad"),

@@ -32,6 +32,7 @@ from training.features import DataError, Preprocessor, numeric_transform, raw_va
 
 MATERIALIZE_FRACTION = 0.25  # of the free object store: leave room for Ray Data's own blocks
 ENCODED_FILE_BATCHES = 32  # encoded Parquet files hold at most this many data.batch_size batches
+ENCODER_BATCHES = 16  # data.batch_size batches per Encoder actor
 ENCODED_LAYOUT = 2  # in the fingerprint: data encoded with an older file layout is prepared again
 NULL = "\u2400null"  # no NUL byte: numpy->Arrow string conversion stops at one
 _LABEL = "\u2400label"
@@ -256,13 +257,16 @@ class Encoder:
         return out
 
 
-def encode(ds: ray.data.Dataset, pp: Preprocessor, out_dir: str, cfg: Config) -> None:
-    """Encode once and cache: `out_dir/split=train|valid|test/*.parquet` (int32 slots, float32 numerics)."""
+def encode(ds: ray.data.Dataset, pp: Preprocessor, out_dir: str, cfg: Config, rows: int | None = None) -> None:
+    """Encode once and cache: `out_dir/split=train|valid|test/*.parquet` (int32 slots, float32 numerics).
+    With `rows` known, the Encoder pool grows by one actor per ENCODER_BATCHES batches (up to 8): an actor
+    costs seconds to start and encodes a batch in a fraction of one, so small data keeps one."""
     s3 = s3_options(cfg)
     storage.delete_dir(out_dir, s3)
     fs, inner = storage.filesystem(out_dir, s3)
+    most = 8 if rows is None else min(8, max(1, -(-rows // (cfg.data.batch_size * ENCODER_BATCHES))))
     enc = ds.map_batches(Encoder, fn_constructor_args=(pp.to_json(),), batch_format="pyarrow",
-                         batch_size=cfg.data.batch_size, concurrency=(1, 8))
+                         batch_size=cfg.data.batch_size, concurrency=(1, most))
     # Bounded files (not one file per split): streamed epochs read them in parallel tasks, blocks
     # stay small in workers, and the training reader can take the files in a new order each epoch.
     with read_errors():
@@ -386,7 +390,7 @@ def prepare(cfg: Config, out_dir: str | None = None) -> dict:
                   f"({cfg.features.label!r}) into {qdir}", flush=True)
         ds = usable_rows(ds, cfg)
     t1 = time.time()
-    encode(ds, pp, storage.join(base, "encoded"), cfg)
+    encode(ds, pp, storage.join(base, "encoded"), cfg, rows=prof["rows"])
     t2 = time.time()
     storage.write_text(storage.join(base, "preprocessor.json"), pp.to_json(), s3)
     storage.write_text(storage.join(base, "profile.json"), json.dumps(prof, indent=2), s3)

@@ -37,7 +37,7 @@ from training.report import fmt, results_page, svg_line_chart
 from training.loop import resolve_device
 from training.trainer import (best_model_from, check_resources, export_bundle, make_trainer,
                               storage_location)
-from tune.space import parse_space, search_space, trial_config, trial_params
+from tune.space import parse_space, search_space, start_points, trial_config, trial_params
 
 METRIC = "best_valid_auc"  # in every report (epoch and final); best-so-far is what early stopping compares
 TIME_ATTR = "epoch"
@@ -139,12 +139,14 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         storage.delete_dir(storage.join(root, f"{name}-trials"), s3)
     storage.write_text(fp_file, fp, s3)
     tc = cfg.tune
+    first = start_points(cfg) or None
     if random_search:  # Tune's random sampling of the same space, seeded
-        search_alg = BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
+        search_alg = BasicVariantGenerator(points_to_evaluate=first, random_state=tc.seed,
+                                           max_concurrent=tc.max_concurrent_trials)
     else:
         sampler = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)),
                                              multivariate=True)
-        search_alg = OptunaSearch(sampler=sampler)
+        search_alg = OptunaSearch(sampler=sampler, points_to_evaluate=first)
     # max_t one past the last epoch: ASHA never ends a trial that completed its epochs; the trial ends
     # itself after its test pass (a stop there would cut the final report and checkpoint)
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs + 1, grace_period=tc.grace_period,

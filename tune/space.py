@@ -75,8 +75,32 @@ def search_space(cfg: Config) -> dict[str, dict[str, Any]]:
     return cfg.tune.search_space or DEFAULT_SPACE
 
 
+def start_points(cfg: Config) -> list[dict[str, Any]]:
+    """`tune.start_points`, encoded as the sampled values are: the searcher's first trials. Each point
+    gives every key of the search space, inside its range or among its choices."""
+    space, out = search_space(cfg), []
+    for i, point in enumerate(cfg.tune.start_points):
+        where = f"tune.start_points.{i}"
+        missing, extra = sorted(set(space) - set(point)), sorted(set(point) - set(space))
+        if missing or extra:
+            raise ConfigError(f"{where}: a start point gives every key of the search space and no other "
+                              f"(missing: {missing}, not in the space: {extra})")
+        enc = {}
+        for key, v in point.items():
+            kind, arg = next(iter(space[key].items()))
+            inside = v in arg if kind == "choice" else (
+                _number(v) and arg[0] <= v <= arg[1] and (kind != "int" or float(v).is_integer()))
+            if not inside:
+                raise ConfigError(f"{where}.{key}: {v!r} is outside {_where(key)} ({kind}: {arg!r})")
+            enc[key] = (v if _scalar(v) else JSON + json.dumps(v)) if kind == "choice" else \
+                int(v) if kind == "int" else float(v)
+        out.append(enc)
+    return out
+
+
 def parse_space(cfg: Config) -> dict[str, Any]:
-    """The search space as Ray Tune domains, keyed by config path. Raises ConfigError naming the key."""
+    """The search space as Ray Tune domains, keyed by config path, with `tune.start_points` checked
+    against it. Raises ConfigError naming the key."""
     space = search_space(cfg)
     out: dict[str, Any] = {}
     for key, spec in space.items():
@@ -100,6 +124,7 @@ def parse_space(cfg: Config) -> dict[str, Any]:
             _check_value(cfg, key, v)
         out[key] = {"loguniform": tune.loguniform, "uniform": tune.uniform}[kind](lo, hi) if kind != "int" \
             else tune.randint(lo, hi + 1)
+    start_points(cfg)
     return out
 
 
