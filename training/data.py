@@ -394,8 +394,8 @@ def time_cutoffs(ds: ray.data.Dataset, cfg: Config) -> tuple[float, float]:
 
 
 def split_dataset(cfg: Config) -> tuple[ray.data.Dataset, pa.Schema]:
-    """All rows of the configured sources, joined, schema-checked, with a `__split__` column;
-    and the raw (joined) schema."""
+    """All rows of the configured sources, joined, schema-checked, with a `__split__` column and the
+    `count_by` features' columns; and the raw (joined) schema with those columns."""
     sp = cfg.data.split
     if sp.kind == "given":
         parts = []
