@@ -175,13 +175,17 @@ def row_hash(table: pa.Table, seed: int) -> np.ndarray:
     return h
 
 
-def time_numbers(arr: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
+def time_numbers(arr: pa.ChunkedArray | pa.Array, name: str, why: str = "") -> np.ndarray:
+    """The time column as float seconds; a row without a time is an error (`why` says who needs it)."""
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
         arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
     try:
-        return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
+        t = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise DataError(f"time column {name!r}: cannot read {arr.type} as a time") from None
+    if np.isnan(t).any():
+        raise DataError(f"time column {name!r}: {int(np.isnan(t).sum())} rows have no time{why}")
+    return t
 
 
 class Splitter:
@@ -197,8 +201,6 @@ class Splitter:
             return np.full(table.num_rows, self.fixed, np.int8)
         if self.kind == "time":
             t = time_numbers(table.column(self.time_col), self.time_col)
-            if np.isnan(t).any():
-                raise DataError(f"time column {self.time_col!r}: {int(np.isnan(t).sum())} rows have no time")
             c1, c2 = self.cutoffs
             return ((t >= c1).astype(np.int8) + (t >= c2).astype(np.int8))
         u = (row_hash(table, self.seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
@@ -237,10 +239,7 @@ class _CountKey:
 
 def _count_group(table: pa.Table, name: str, key: str, time_col: str) -> pa.Table:
     """`map_groups` UDF: the rows of one key's group get the count feature's column."""
-    t = time_numbers(table.column(time_col), time_col)
-    if np.isnan(t).any():
-        raise DataError(f"time column {time_col!r}: {int(np.isnan(t).sum())} rows have no time "
-                        f"(count feature {name!r} orders rows by it)")
+    t = time_numbers(table.column(time_col), time_col, f" (count feature {name!r} orders rows by it)")
     n = earlier_counts(table.column(key), t)
     return table.drop_columns([_COUNT_KEY]).append_column(name, pa.array(n, mask=np.isnan(n)))
 
@@ -249,12 +248,12 @@ def with_counts(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
     """Adds every `count_by` feature's column: one group-by per key, then the rows are materialized
     (the object store keeps them) so the passes after this one do not shuffle again."""
     f = cfg.features
+    if not f.count_features:
+        return ds
     for c in f.count_features:
         ds = (ds.map_batches(_CountKey(c.count_by), batch_format="pyarrow", batch_size=None)
               .groupby(_COUNT_KEY).map_groups(_count_group, batch_format="pyarrow",
                                               fn_kwargs={"name": c.name, "key": c.count_by, "time_col": f.time}))
-    if not f.count_features:
-        return ds
     with read_errors():
         return ds.materialize()
 
@@ -316,13 +315,14 @@ def _check_schema(schema: pa.Schema, cfg: Config, where: str) -> None:
         raise DataError(f"data source {where}: no rows: nothing could be read from its files")
     have = dict(zip(schema.names, schema.types))
     counts = f.count_features
-    needed = [(f.label, "label")] + [(x.column, f"feature {x.name!r}") for x in f.features if x not in counts]
+    made_here = {x.name for x in counts}
+    needed = [(f.label, "label")] + [(x.column, f"feature {x.name!r}") for x in f.features if x.name not in made_here]
     needed += [(x.count_by, f"count_by of feature {x.name!r}") for x in counts]
     needed += [(c, role) for c, role in ((f.group, "group"), (f.time, "time"), (f.oracle, "oracle")) if c]
     missing = [f"{c!r} ({role})" for c, role in needed if c not in have]
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(missing)}; columns present: {sorted(have)}")
-    made = [x.name for x in counts if x.name in have]
+    made = sorted(made_here & set(have))
     if made:
         raise DataError(f"{where}: column(s) {made} already exist, but count_by features make them: "
                         "rename the feature or drop count_by to use the column as it is")
@@ -330,7 +330,7 @@ def _check_schema(schema: pa.Schema, cfg: Config, where: str) -> None:
     if not (pa.types.is_integer(lab) or pa.types.is_floating(lab) or pa.types.is_boolean(lab)):
         raise DataError(f"{where}: label column {f.label!r} has type {lab}, expected 0/1 numbers or booleans")
     for x in f.features:
-        if x.regex or x in counts:
+        if x.regex or x.name in made_here:
             continue
         t = have[x.column]
         if isinstance(x, NumericFeature) and not (pa.types.is_integer(t) or pa.types.is_floating(t)
@@ -373,8 +373,6 @@ def time_cutoffs(ds: ray.data.Dataset, cfg: Config) -> tuple[float, float]:
 
     def sketch(t: pa.Table) -> pa.Table:
         x = time_numbers(t.column(col), col)
-        if np.isnan(x).any():
-            raise DataError(f"time column {col!r}: {int(np.isnan(x).sum())} rows have no time")
         if not len(x):
             return pa.table({"q": pa.array([], pa.list_(pa.float64())), "n": pa.array([], pa.int64())})
         return pa.table({"q": [np.quantile(x, probs)], "n": [len(x)]})
