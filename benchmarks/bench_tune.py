@@ -1,7 +1,7 @@
 """Search efficiency and per-trial fixed cost: TPE + ASHA against random search without early
 stopping, on the same prepared data, search space and trial budget, in one run.
 
-    .venv/bin/python benchmarks/bench_tune.py [--rows 200000] [--trials 8] [--epochs 4]
+    .venv/bin/python benchmarks/bench_tune.py [--rows 100000] [--trials 16] [--epochs 4]
 
 Prints the best validation AUC each reached, the trial-epochs each spent, and the fixed cost of a
 trial (Tune's trial start -> first training step), first trial and the ones after it.
@@ -41,8 +41,8 @@ def run(cfg, prep, name: str, **kw) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--grace-period", type=float, default=None, help="ASHA's, in epochs (default: the config's)")
     ap.add_argument("--reduction-factor", type=int, default=None, help="ASHA's (default: the config's)")

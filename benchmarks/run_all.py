@@ -59,7 +59,7 @@ SECTIONS = [
     ("tune", "Hyperparameter search: TPE + ASHA vs random",
      "Issue 4. Same data, space and trial budget; the config's ASHA defaults (grace 0.25 epochs, factor 3). Target: equal or better AUC with <= 0.5x "
      "the trial-epochs; trial fixed cost (start -> first step) < 5 s after the first.",
-     [PY, "benchmarks/bench_tune.py", "--rows", "100000", "--trials", "8", "--epochs", "4"]),
+     [PY, "benchmarks/bench_tune.py", "--rows", "100000", "--trials", "16", "--epochs", "4"]),
 ]
 GPU = ("gpu", "GPU train step (no Ray): fp32 vs bf16, batch on device / pinned / pageable",
        "The GPU path of the loop: autocast, pinned host batches with non-blocking copies.",

@@ -1,17 +1,23 @@
-"""Ray Tune + Optuna + ASHA over Ray Train on a real local Ray: search, early stop, winner bundle,
-kill-and-resume, and a bad search space refused before any trial runs."""
+"""Ray Tune + Optuna + ASHA on a real local Ray: search, early stop, winner bundle, kill-and-resume, and
+a bad search space refused before any trial runs. One-worker trials run the loop in the trial's process;
+several-worker trials fit a TorchTrainer each."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
+import torch
+from ray.util.state import list_actors
+from safetensors.torch import load_file
 
 from raycluster.config import ConfigError, load_config
+from raycluster.rayinit import dashboard_url
 from tests.conftest import ray_head
 from training import synth
 from training.bundle import load_bundle
@@ -110,6 +116,30 @@ def test_search_stops_weak_trials_and_exports_the_best_valid_trial(gen_dir, tmp_
     assert "<svg" in html and best["trial"] in html
     # the fixed cost of every trial was measured (Tune's trial start -> first training step)
     assert all(r["startup_s"] is not None and r["startup_s"] > 0 for r in table)
+    # one worker per trial: the loop ran in the trial's process, its checkpoints are Tune's
+    assert list((tmp_path / "runs" / "s" / "tune" / "search").glob("_trial_*/checkpoint_*"))
+    assert not (tmp_path / "runs" / "s" / "tune" / "search-trials").exists()
+
+
+def test_several_worker_trials_fit_a_torch_trainer_each(gen_dir, tmp_path):
+    raw = _raw(gen_dir, tmp_path, name="ddp", num_samples=2, start_points=START)
+    raw["train"].update({"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 2})
+    res = run_search(load_config(raw=raw))
+    by_id = {r["trial"]: r for r in res.table}
+    assert len(by_id) == 2 and not any(r["error"] for r in res.table)
+    good, weak = sorted(by_id.values(), key=lambda r: r["train.lr"], reverse=True)
+    assert weak["stopped_by"] == "asha" and weak["epochs_run"] == 1  # ASHA stops a Train run too
+    assert good["epochs_run"] == 2 and res.winner["trial_id"] == good["trial"]
+    # each trial was a Train run of its own (its checkpoints under the search's trials directory), and
+    # the winner's bundle holds that run's best weights
+    runs = tmp_path / "runs" / "ddp" / "tune" / "search-trials"
+    assert {p.name for p in runs.iterdir() if any(c.is_dir() for c in p.glob("checkpoint_*"))} == set(by_id)
+    _, model, meta = load_bundle(res.bundle)
+    assert meta["info"]["trial_id"] == good["trial"]
+    last = max(p for p in (runs / good["trial"]).glob("checkpoint_*") if p.is_dir())
+    best = load_file(str(last / "best.safetensors"))
+    assert best.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(gen_dir, tmp_path):
@@ -143,6 +173,37 @@ def test_killed_search_resumes_without_rerunning_finished_trials(gen_dir, tmp_pa
     assert all(lines[-1].get("final") or lines[-1]["epoch"] < 3 for lines in after.values())
     assert after[first] == before[first]  # the finished trial was not run again
     assert res.winner["trial_id"] in after
+
+
+def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_path):
+    """A one-worker trial runs in Tune's trial process: killed, Tune retries it (train.max_failures) and
+    it resumes from its latest checkpoint."""
+    raw = _raw(gen_dir, tmp_path, name="retry", num_samples=1)
+    raw["train"].update({"epochs": 4, "batch_size": 256, "max_failures": 1})
+    exp = tmp_path / "runs" / "retry" / "tune" / "search"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 180
+        while time.time() < deadline and not list(exp.glob("_trial_*/checkpoint_000000")):
+            time.sleep(0.1)
+        trials = [a for a in list_actors(address=dashboard_url(), filters=[("state", "=", "ALIVE")])
+                  if a["class_name"] == "ImplicitFunc"]
+        for a in trials:
+            os.kill(a["pid"], signal.SIGKILL)
+            killed.append(a["pid"])
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    res = run_search(load_config(raw=raw))
+    killer.join()
+    assert len(killed) == 1
+    (lines,) = _result_lines(exp).values()
+    final = lines[-1]
+    assert final["final"] and final["epochs_run"] == 4 and res.table[0]["error"] == ""
+    starts = json.loads(final["starts"])
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, starts  # resumed, not started over
+    assert final["resumed_from"].startswith("checkpoint_")
 
 
 def test_bad_search_space_fails_before_any_trial(gen_dir, tmp_path):

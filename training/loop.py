@@ -1,9 +1,12 @@
 """The per-worker training loop (Ray Train V2): stream encoded shards, DDP, exact gathered metrics,
-a checkpoint every epoch, resume from the latest one, test metrics with the best weights."""
+a checkpoint every epoch, resume from the latest one, test metrics with the best weights. It asks its
+runner (a `Session`) for rank, device, data, checkpoints and reports: Ray Train's worker API under a
+TorchTrainer, Tune's trial API for a search's one-worker trial (`TuneSession`)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -20,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 import torch.distributed as dist
 from ray.data.collate_fn import ArrowBatchCollateFn
@@ -298,15 +302,73 @@ def metrics_of(pred: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- the loop
+class Session:
+    """Ray Train's worker API, what the loop runs under in a TorchTrainer (any number of workers)."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def shard(self, name: str) -> Any:
+        return ray.train.get_dataset_shard(name)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model) if self.world > 1 or self.device.type == "cuda" else model
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+    def progress(self, metrics: dict) -> None:
+        """A mid-epoch evaluation's metrics. Train's runs report at epoch ends only (with a checkpoint)."""
+
+
+class TuneSession(Session):
+    """One worker inside a Tune trial's own process: no Train controller, worker and data actors to start
+    (each a new process: ~8 s of every trial on 2 cores), and Tune reuses the process for the next trial.
+    Checkpoints go to the trial's directory; a retried or restored trial resumes from its latest."""
+
+    def __init__(self, datasets: dict[str, Any], use_gpu: bool) -> None:
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray shows the trial its own GPU only
+        self.datasets = datasets
+        # Ray Data logs every pass's end at INFO; a Train worker keeps that out of the job log, so here too
+        logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+
+    def checkpoint(self) -> Any:
+        return ray.tune.get_checkpoint()
+
+    def shard(self, name: str) -> Any:
+        return self.datasets[name]
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
+                        if checkpoint_dir else None)
+
+    def progress(self, metrics: dict) -> None:
+        """To Tune, so ASHA's rungs inside the first epoch (grace 0.25) stop weak trials there."""
+        ray.tune.report(metrics)
+
+
 def train_loop(config: dict) -> None:
+    """TorchTrainer's per-worker function."""
+    run_loop(config, Session())
+
+
+def run_loop(config: dict, session: Session) -> None:
     cfg = Config.model_validate(config["cfg"])
     pp = Preprocessor.from_json(config["pp"])
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     torch.manual_seed(t.seed)
     torch.set_num_threads(t.torch_threads or max(1, math.ceil(t.cpus_per_worker)))
-    device = ray.train.torch.get_device()
+    device = session.device
     _, precision = resolve_device(cfg)
     on_gpu = device.type == "cuda"
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
@@ -315,24 +377,24 @@ def train_loop(config: dict) -> None:
     model = build_model(cfg.model, fields, n_num, sparse=t.optimizer in SPARSE_OPTIMIZERS)
     opts = make_optimizers(model, cfg)
     state, best = TrainState(), _weights(model)
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.checkpoint()
     resumed_from, refused = "", []
     if ckpt:
         state, best, resumed_from, refused = restore(ckpt, model, opts, arch)
     state.starts.append(state.epoch)
-    model = ray.train.torch.prepare_model(model) if ctx.get_world_size() > 1 or on_gpu else model
+    model = session.prepare(model)
     collate = Collate(pp.cat_columns, pp.num_columns, [LABEL, GROUP, ORACLE], pin=on_gpu)
     train_collate = Collate(pp.cat_columns, pp.num_columns, [LABEL], pin=on_gpu)  # steps need no group/oracle
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    log = (lambda msg: print(f"[rankray train] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    log = (lambda msg: print(f"[rankray train] {msg}", flush=True)) if session.rank == 0 else (lambda msg: None)
     for r in refused:
         log(f"refused checkpoint {r}")
     if state.starts[-1] > 0:
         log(f"resumed from the checkpoint of epoch {state.epoch} ({resumed_from})")
 
     # train.batch_size is the global batch: results do not change with the number of workers
-    batch = max(1, t.batch_size // ctx.get_world_size())
-    steps_per_epoch = max(1, config["train_rows"] // ctx.get_world_size() // batch)
+    batch = max(1, t.batch_size // session.world)
+    steps_per_epoch = max(1, config["train_rows"] // session.world // batch)
     mid_evals = {round(k * steps_per_epoch / t.evals_per_epoch) for k in range(1, t.evals_per_epoch)}
 
     eval_seconds = 0.0  # per epoch: evaluation time, kept out of train_seconds
@@ -341,7 +403,7 @@ def train_loop(config: dict) -> None:
         """Valid metrics over all workers' rows; keeps the best weights. Same result on every rank."""
         nonlocal best, eval_seconds
         start = time.time()
-        metrics = metrics_of(gather(predict(model, ray.train.get_dataset_shard("valid"), collate,
+        metrics = metrics_of(gather(predict(model, session.shard("valid"), collate,
                                             batch * 4, device, autocast)), "valid")
         if metrics["valid_auc"] > state.best_auc:
             state.best_auc, state.best_epoch, state.bad_epochs = metrics["valid_auc"], at, 0
@@ -356,7 +418,7 @@ def train_loop(config: dict) -> None:
     peak_uss = 0  # private memory: RSS also counts object-store pages the worker has read through
     while state.epoch < t.epochs and state.bad_epochs < t.patience:
         epoch = state.epoch + 1
-        shard = ray.train.get_dataset_shard("train")
+        shard = session.shard("train")
         t0, seen, total_loss, steps, eval_seconds = time.time(), 0, 0.0, 0, 0.0
         tick, tick_seen = t0, 0
         for b in iter_batches(shard, train_collate, batch, t.shuffle_buffer, t.seed * 1_000_003 + epoch):
@@ -385,7 +447,9 @@ def train_loop(config: dict) -> None:
                     f"samples/s {(seen - tick_seen) / max(now - tick, 1e-9):,.0f} (rank 0)")
                 tick, tick_seen = now, seen
             if steps in mid_evals:  # equal shards: every rank reaches the same step, so DDP stays in step
-                evaluate(state.epoch + steps / steps_per_epoch)
+                at = state.epoch + steps / steps_per_epoch
+                session.progress({**evaluate(at), "epoch": at, "best_valid_auc": state.best_auc,
+                                  "first_step_at": first_step_at, "final": False})
                 model.train()
                 tick, tick_seen = time.time(), seen  # the step log's samples/s leaves evaluation out too
                 if state.bad_epochs >= t.patience:
@@ -400,12 +464,12 @@ def train_loop(config: dict) -> None:
         state.history.append(row)
         log(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         _report({**row, "best_valid_auc": state.best_auc, "first_step_at": first_step_at, "final": False},
-                rank, model, best, opts, state, arch)
+                session, model, best, opts, state, arch)
 
     # test with the best weights, over all workers' rows
     m = model.module if hasattr(model, "module") else model
     m.load_state_dict(best)
-    test = metrics_of(gather(predict(model, ray.train.get_dataset_shard("test"), collate, batch * 4,
+    test = metrics_of(gather(predict(model, session.shard("test"), collate, batch * 4,
                                      device, autocast)), "test")
     log(" ".join(f"{k} {v:.4f}" for k, v in test.items()))
     peak_uss = max(peak_uss, psutil.Process().memory_full_info().uss)
@@ -418,14 +482,12 @@ def train_loop(config: dict) -> None:
              "final": True, "history": json.dumps(state.history),
              "starts": json.dumps(state.starts), "resumed_from": resumed_from,
              "refused_checkpoints": json.dumps(refused)}
-    _report(final, rank, model, best, opts, state, arch)
+    _report(final, session, model, best, opts, state, arch)
 
 
-def _report(metrics: dict, rank: int, model: torch.nn.Module, best: dict, opts: list, state: TrainState,
+def _report(metrics: dict, session: Session, model: torch.nn.Module, best: dict, opts: list, state: TrainState,
             arch: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
+        if session.rank == 0:
             save_checkpoint(d, model, best, opts, state, arch)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        session.report(metrics, d if session.rank == 0 else None)

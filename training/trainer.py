@@ -59,18 +59,28 @@ def storage_location(path: str, cfg: Config) -> tuple[str, Any]:
     return os.path.abspath(path), None
 
 
+def loop_config(cfg: Config, pp: Preprocessor, train_rows: int) -> dict[str, Any]:
+    """What the training loop is given (`training.loop.run_loop`)."""
+    return {"cfg": cfg.model_dump(mode="json"), "pp": pp.to_json(), "train_rows": train_rows}
+
+
+def quiet(datasets: dict[str, ray.data.Dataset]) -> None:
+    """No progress bars: per-epoch bars flood the job log."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for ds in datasets.values():  # each dataset carries the context it was made in (e.g. a Tune driver's)
+        ds.context.enable_progress_bars = False
+
+
 def make_trainer(cfg: Config, pp: Preprocessor, datasets: dict[str, ray.data.Dataset], run_name: str,
                  train_rows: int, callbacks: list | None = None) -> TorchTrainer:
     use_gpu, _ = resolve_device(cfg)
     check_resources(cfg, use_gpu)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch bars flood the job log
-    for ds in datasets.values():  # each dataset carries the context it was made in (e.g. a Tune driver's)
-        ds.context.enable_progress_bars = False
+    quiet(datasets)
     t = cfg.train
     path, fs = storage_location(t.storage_path or storage.join(cfg.run_dir, "checkpoints"), cfg)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "pp": pp.to_json(), "train_rows": train_rows},
+        train_loop_config=loop_config(cfg, pp, train_rows),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,

@@ -1,11 +1,16 @@
-"""Hyperparameter search the Train V2 way: a Tuner runs one driver function per trial; each builds
-and fits a TorchTrainer (the same `make_trainer` as `rankray train`) with TuneReportCallback.
+"""Hyperparameter search the Train V2 way: a Tuner runs one driver function per trial; with several
+workers it builds and fits a TorchTrainer (the same `make_trainer` as `rankray train`) with
+TuneReportCallback. A one-worker trial runs the same loop in the trial's own process instead
+(`training.loop.TuneSession`): a TorchTrainer would start a controller, a worker and a data actor, each
+a new process importing torch, ~8 s of every trial on 2 cores; Tune reuses the trial process, so
+every trial after the first starts training in about a second (benchmarks/bench_tune.py).
 OptunaSearch (TPE, seeded) proposes, ASHA stops weak trials at epoch rungs on the validation AUC
 computed over all workers' rows. Data is fitted, encoded and materialized once per search.
 
-Resource rule: a trial's driver asks for no CPU (a little memory); its Train workers take
-`num_workers x cpus_per_worker`; `max_concurrent_trials` of them plus `train.data_cpus` must fit the
-cluster's CPUs, so Ray Data always keeps CPUs to read with (a starved reader hangs silently).
+Resource rule: a trial takes `num_workers x cpus_per_worker` CPUs (its Train workers; a several-worker
+trial's driver asks for no CPU, a little memory); `max_concurrent_trials` of them plus
+`train.data_cpus` must fit the cluster's CPUs, so Ray Data always keeps CPUs to read with (a starved
+reader hangs silently).
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ from training.data import s3_options
 from training.features import Preprocessor
 from training.prepare import encoded_datasets, ensure_prepared
 from training.report import fmt, results_page, svg_line_chart
-from training.loop import resolve_device
-from training.trainer import (best_model_from, check_resources, export_bundle, make_trainer,
+from training.loop import TuneSession, resolve_device, run_loop
+from training.trainer import (best_model_from, check_resources, export_bundle, loop_config, make_trainer, quiet,
                               storage_location)
 from tune.space import parse_space, search_space, start_points, trial_config, trial_params
 
@@ -80,9 +85,14 @@ def _abs(path: str) -> str:
 
 
 def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, train_rows: int,
-           trials_dir: str) -> None:
-    """One trial: this trial's config -> TorchTrainer.fit(); TuneReportCallback carries the reports."""
+           trials_dir: str, use_gpu: bool) -> None:
+    """One trial: this trial's config -> the loop here (one worker), or TorchTrainer.fit() with
+    TuneReportCallback carrying the reports."""
     cfg = config_with(trial_config(Config.model_validate(base), params), {"train.storage_path": trials_dir})
+    if cfg.train.num_workers == 1:
+        quiet(datasets)
+        run_loop(loop_config(cfg, Preprocessor.from_json(pp_json), train_rows), TuneSession(datasets, use_gpu))
+        return
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, Preprocessor.from_json(pp_json), datasets, trial_id, train_rows,
                            callbacks=[TuneReportCallback()])
@@ -113,8 +123,10 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
                random_search: bool = False, asha: bool = True, name: str = "search") -> tune.Tuner:
     """A new Tuner for this config's search, or the interrupted one restored (same run name)."""
     space = parse_space(cfg)
-    check_resources(cfg, resolve_device(cfg)[0], trials=cfg.tune.max_concurrent_trials)
-    check_early_stopping(asha)
+    use_gpu = resolve_device(cfg)[0]
+    check_resources(cfg, use_gpu, trials=cfg.tune.max_concurrent_trials)
+    in_trial = cfg.train.num_workers == 1  # the loop runs in the trial's process (no Train actors)
+    check_early_stopping(asha and not in_trial)
     s3 = s3_options(cfg)
     root = _abs(storage.join(cfg.run_dir, "tune"))
     path, fs = storage_location(root, cfg)
@@ -123,8 +135,8 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), pp_json=prep["preprocessor"].to_json(),
                              datasets=encoded_datasets(prep["encoded"], cfg, prep),
                              train_rows=prep["profile"]["rows_by_split"]["train"],
-                             trials_dir=storage.join(root, f"{name}-trials")),
-        DRIVER_RESOURCES)
+                             trials_dir=storage.join(root, f"{name}-trials"), use_gpu=use_gpu),
+        {"cpu": cfg.train.cpus_per_worker, "gpu": int(use_gpu)} if in_trial else DRIVER_RESOURCES)
     fp_file = storage.join(root, f"{name}-fingerprint.txt")
     fp = search_fingerprint(cfg)
     if not restart and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
@@ -155,9 +167,14 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent_trials),
+                                    num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent_trials,
+                                    reuse_actors=in_trial),
+        # a one-worker trial's checkpoints are Tune's (a several-worker trial's are its Train run's); a
+        # failed one is retried from its latest, as Train retries its workers
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
-                                  verbose=1),
+                                  verbose=1, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures
+                                                                    if in_trial else 0)),
     )
 
 
@@ -232,11 +249,13 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, An
     best = max(ok, key=lambda r: r.metrics[METRIC])
     params = trial_params(cfg, best.config)
     wcfg = trial_config(cfg, params)
-    ckpt_path = best.metrics.get(CHECKPOINT_PATH_KEY)  # every report carries a checkpoint
-    if not ckpt_path:
+    ckpt = best.checkpoint  # a one-worker trial's latest (every report carries one)
+    if ckpt is None and best.metrics.get(CHECKPOINT_PATH_KEY):  # a several-worker trial's Train checkpoint
+        _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
+        ckpt = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=fs)
+    if ckpt is None:
         raise RuntimeError(f"trial {best.metrics.get('trial_id')} reported no checkpoint")
-    _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
-    model, arch = best_model_from(ray.train.Checkpoint(ckpt_path, filesystem=fs), wcfg, prep["preprocessor"])
+    model, arch = best_model_from(ckpt, wcfg, prep["preprocessor"])
     trial_id = best.metrics.get("trial_id")
     info = {"trial_id": trial_id, "params": params,
             "search": storage.join(cfg.run_dir, "tune", "search")}
