@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ray.util.state import list_actors
 from safetensors.torch import load_file
 
 from raycluster.config import ConfigError, load_config
-from raycluster.rayinit import dashboard_url
 from tests.conftest import ray_head
 from training import synth
 from training.bundle import load_bundle
@@ -179,19 +177,20 @@ def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_pat
     """A one-worker trial runs in Tune's trial process: killed, Tune retries it (train.max_failures) and
     it resumes from its latest checkpoint."""
     raw = _raw(gen_dir, tmp_path, name="retry", num_samples=1)
-    raw["train"].update({"epochs": 4, "batch_size": 256, "max_failures": 1})
+    raw["train"].update({"epochs": 8, "batch_size": 128, "max_failures": 1, "patience": 100})  # ~2 s an epoch
     exp = tmp_path / "runs" / "retry" / "tune" / "search"
     killed = []
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 180
-        while time.time() < deadline and not list(exp.glob("_trial_*/checkpoint_000000")):
-            time.sleep(0.1)
-        trials = [a for a in list_actors(address=dashboard_url(), filters=[("state", "=", "ALIVE")])
-                  if a["class_name"] == "ImplicitFunc"]
-        for a in trials:
-            os.kill(a["pid"], signal.SIGKILL)
-            killed.append(a["pid"])
+        while time.time() < deadline:
+            if list(exp.glob("_trial_*/checkpoint_000000")):
+                (lines,) = _result_lines(exp).values() or [[]]
+                if lines:  # Tune's own results name the trial's process
+                    os.kill(lines[-1]["pid"], signal.SIGKILL)
+                    killed.append(lines[-1]["pid"])
+                    return
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
@@ -200,7 +199,8 @@ def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_pat
     assert len(killed) == 1
     (lines,) = _result_lines(exp).values()
     final = lines[-1]
-    assert final["final"] and final["epochs_run"] == 4 and res.table[0]["error"] == ""
+    assert final["final"] and final["epochs_run"] == 8 and res.table[0]["error"] == ""
+    assert final["pid"] != killed[0]
     starts = json.loads(final["starts"])
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, starts  # resumed, not started over
     assert final["resumed_from"].startswith("checkpoint_")

@@ -3,7 +3,7 @@ workers it builds and fits a TorchTrainer (the same `make_trainer` as `rankray t
 TuneReportCallback. A one-worker trial runs the same loop in the trial's own process instead
 (`training.loop.TuneSession`): a TorchTrainer would start a controller, a worker and a data actor, each
 a new process importing torch, ~8 s of every trial on 2 cores; Tune reuses the trial process, so
-every trial after the first starts training in about a second (benchmarks/bench_tune.py).
+every trial after the first starts training within 0.1 s (benchmarks/bench_tune.py).
 OptunaSearch (TPE, seeded) proposes, ASHA stops weak trials at epoch rungs on the validation AUC
 computed over all workers' rows. Data is fitted, encoded and materialized once per search.
 
@@ -249,7 +249,7 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, An
     best = max(ok, key=lambda r: r.metrics[METRIC])
     params = trial_params(cfg, best.config)
     wcfg = trial_config(cfg, params)
-    ckpt = best.checkpoint  # a one-worker trial's latest (every report carries one)
+    ckpt = best.checkpoint  # a one-worker trial's latest (every epoch-end report carries one)
     if ckpt is None and best.metrics.get(CHECKPOINT_PATH_KEY):  # a several-worker trial's Train checkpoint
         _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
         ckpt = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=fs)
