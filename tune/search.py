@@ -127,6 +127,9 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     check_resources(cfg, use_gpu, trials=cfg.tune.max_concurrent_trials)
     in_trial = cfg.train.num_workers == 1  # the loop runs in the trial's process (no Train actors)
     check_early_stopping(asha and not in_trial)
+    # Tune snapshots the experiment state every num_to_keep (2) checkpoints of a trial and warns when
+    # that happens more than once in 5 s, which fast one-worker trials do: a few small files, kept quiet
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     s3 = s3_options(cfg)
     root = _abs(storage.join(cfg.run_dir, "tune"))
     path, fs = storage_location(root, cfg)
