@@ -192,8 +192,8 @@ class TuneConfig(_Strict):
     # settings tried first, in order (e.g. today's production settings), each giving every key of the space
     start_points: list[dict[str, Any]] = Field(default_factory=list)
     # ASHA, in epochs: a trial runs at least grace_period; at each rung (grace_period x reduction_factor^k)
-    # only the best 1/reduction_factor go on. Rungs are decided at the epoch-end reports, so the default
-    # 0.25 x 3^k stops weak trials after epochs 1 and 3.
+    # only the best 1/reduction_factor go on, decided at the trial's reports: every evaluation of a
+    # one-worker trial (train.evals_per_epoch), the epoch ends of a several-worker one.
     grace_period: float = Field(default=0.25, gt=0)
     reduction_factor: int = Field(default=3, ge=2)
     seed: int = 0

@@ -71,7 +71,12 @@ def _result_lines(exp_dir: Path) -> dict[str, list[dict]]:
     """Every trial's reported results, read from Tune's own files."""
     out = {}
     for f in exp_dir.glob("*/result.json"):
-        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        lines = []
+        for x in f.read_text().splitlines():
+            try:
+                lines.append(json.loads(x))
+            except ValueError:  # being written
+                pass
         if lines:
             out[lines[0]["trial_id"]] = lines
     return out
@@ -177,22 +182,23 @@ def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_pat
     """A one-worker trial runs in Tune's trial process: killed, Tune retries it (train.max_failures) and
     it resumes from its latest checkpoint."""
     raw = _raw(gen_dir, tmp_path, name="retry", num_samples=1)
-    raw["train"].update({"epochs": 8, "batch_size": 128, "max_failures": 1, "patience": 100})  # ~2 s an epoch
+    raw["train"].update({"epochs": 8, "batch_size": 128, "max_failures": 1, "patience": 100,  # ~2 s an epoch
+                         "evals_per_epoch": 2})
     exp = tmp_path / "runs" / "retry" / "tune" / "search"
     killed = []
 
-    def kill_after_first_checkpoint():
+    def kill_after_two_epochs():
+        """Once the epoch-2 results are out, epoch 1's checkpoint is surely registered with Tune."""
         deadline = time.time() + 180
         while time.time() < deadline:
-            if list(exp.glob("_trial_*/checkpoint_000000")):
-                (lines,) = _result_lines(exp).values() or [[]]
-                if lines:  # Tune's own results name the trial's process
-                    os.kill(lines[-1]["pid"], signal.SIGKILL)
-                    killed.append(lines[-1]["pid"])
-                    return
+            lines = [x for ls in _result_lines(exp).values() for x in ls]
+            if any(x["epoch"] >= 2 for x in lines):  # Tune's own results name the trial's process
+                os.kill(lines[-1]["pid"], signal.SIGKILL)
+                killed.append(lines[-1]["pid"])
+                return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer = threading.Thread(target=kill_after_two_epochs)
     killer.start()
     res = run_search(load_config(raw=raw))
     killer.join()
@@ -204,6 +210,10 @@ def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_pat
     starts = json.loads(final["starts"])
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, starts  # resumed, not started over
     assert final["resumed_from"].startswith("checkpoint_")
+    # every evaluation was reported (ASHA's rungs inside an epoch); epoch ends carry the checkpoints
+    mid = [x for x in lines if not float(x["epoch"]).is_integer()]
+    assert len(mid) >= 8 and all(x["checkpoint_dir_name"] is None for x in mid)
+    assert all(x["checkpoint_dir_name"] for x in lines if float(x["epoch"]).is_integer())
 
 
 def test_bad_search_space_fails_before_any_trial(gen_dir, tmp_path):

@@ -346,7 +346,7 @@ class TuneSession(Session):
         return self.datasets[name]
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
+        return model  # one worker, already on its device: no DDP
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint_dir)
@@ -374,7 +374,8 @@ def run_loop(config: dict, session: Session) -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     fields, n_num = fields_of(pp), len(pp.num_columns)
     arch = model_arch(cfg.model, fields, n_num)
-    model = build_model(cfg.model, fields, n_num, sparse=t.optimizer in SPARSE_OPTIMIZERS)
+    # on its device before the optimizers: their state (Adagrad's at once, any restored one) follows it
+    model = build_model(cfg.model, fields, n_num, sparse=t.optimizer in SPARSE_OPTIMIZERS).to(device)
     opts = make_optimizers(model, cfg)
     state, best = TrainState(), _weights(model)
     ckpt = session.checkpoint()

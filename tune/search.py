@@ -107,7 +107,8 @@ class TrialClock(tune.Callback):
         self.first_step: dict[str, float] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.started[trial.trial_id] = time.time()
+        self.started[trial.trial_id] = time.time()  # again when a failed trial is retried: its new start
+        self.first_step.pop(trial.trial_id, None)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("first_step_at"):
@@ -162,8 +163,8 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         sampler = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)),
                                              multivariate=True)
         search_alg = OptunaSearch(sampler=sampler, points_to_evaluate=first)
-    # max_t one past the last epoch: ASHA never ends a trial that completed its epochs; the trial ends
-    # itself after its test pass (a stop there would cut the final report and checkpoint)
+    # max_t one past the last epoch: ASHA's cap never cuts the final report (test pass and checkpoint);
+    # the trial ends itself after it
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs + 1, grace_period=tc.grace_period,
                               reduction_factor=tc.reduction_factor) if asha else None
     return tune.Tuner(
@@ -243,28 +244,36 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def _checkpointed(r: Any, cfg: Config) -> tuple[Any, dict] | None:
+    """A trial's latest checkpoint and the metrics reported with it: Tune's for a one-worker trial (its
+    mid-epoch reports carry none), the Train run's for a several-worker one (its path in every report)."""
+    if r.best_checkpoints:
+        return max(r.best_checkpoints, key=lambda cm: cm[1].get("training_iteration", 0))
+    path = (r.metrics or {}).get(CHECKPOINT_PATH_KEY)
+    if not path:
+        return None
+    _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
+    return ray.train.Checkpoint(path, filesystem=fs), r.metrics
+
+
 def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, Any]:
-    """Best valid trial: its best weights from its last checkpoint, evaluated on test, bundled atomically."""
-    ok = [r for r in grid if r.error is None and _finite((r.metrics or {}).get(METRIC))]
+    """Best valid trial among those with a checkpoint (AUC as of that checkpoint): its best weights,
+    evaluated on test, bundled atomically."""
+    ok = [(r, c) for r in grid if r.error is None and (c := _checkpointed(r, cfg)) and _finite(c[1].get(METRIC))]
     if not ok:
         errors = [f"{os.path.basename(r.path or '?')}: {r.error}" for r in grid if r.error is not None]
-        raise RuntimeError("no trial finished with a validation AUC" + (": " + "; ".join(errors[:3]) if errors else ""))
-    best = max(ok, key=lambda r: r.metrics[METRIC])
+        raise RuntimeError("no trial checkpointed a validation AUC"
+                           + (": " + "; ".join(errors[:3]) if errors else ""))
+    best, (ckpt, reported) = max(ok, key=lambda rc: rc[1][1][METRIC])
     params = trial_params(cfg, best.config)
     wcfg = trial_config(cfg, params)
-    ckpt = best.checkpoint  # a one-worker trial's latest (every epoch-end report carries one)
-    if ckpt is None and best.metrics.get(CHECKPOINT_PATH_KEY):  # a several-worker trial's Train checkpoint
-        _, fs = storage_location(_abs(storage.join(cfg.run_dir, "tune")), cfg)
-        ckpt = ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=fs)
-    if ckpt is None:
-        raise RuntimeError(f"trial {best.metrics.get('trial_id')} reported no checkpoint")
     model, arch = best_model_from(ckpt, wcfg, prep["preprocessor"])
-    trial_id = best.metrics.get("trial_id")
+    trial_id = reported.get("trial_id")
     info = {"trial_id": trial_id, "params": params,
             "search": storage.join(cfg.run_dir, "tune", "search")}
-    metrics = {k: v for k, v in best.metrics.items() if _finite(v) or isinstance(v, (str, bool))}
+    metrics = {k: v for k, v in reported.items() if _finite(v) or isinstance(v, (str, bool))}
     test = export_bundle(wcfg, prep["preprocessor"], model, arch, metrics, prep, path, info=info)
-    return {"trial_id": trial_id, "params": params, "best_valid_auc": best.metrics[METRIC], "test": test}
+    return {"trial_id": trial_id, "params": params, "best_valid_auc": reported[METRIC], "test": test}
 
 
 def winner_path(cfg: Config) -> str:
