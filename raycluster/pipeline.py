@@ -111,7 +111,7 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
                 "best_valid_auc": res.winner["best_valid_auc"], "test": res.winner["test"],
                 "results_html": res.results_html, "results_csv": res.results_csv}
 
-    won = st.run("tune (Ray Tune + Optuna + ASHA over Ray Train)", search_fingerprint(cfg) + bundle, search, total,
+    won = st.run("tune (Ray Tune + Optuna + ASHA)", search_fingerprint(cfg) + bundle, search, total,
                  lambda o: storage.exists(storage.join(o["bundle"], "manifest.json"), s3))
     print(f"    winner {won['trial']} {json.dumps(won['params'])}: valid AUC {won['best_valid_auc']:.4f}", flush=True)
 

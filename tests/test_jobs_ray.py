@@ -78,7 +78,7 @@ def test_job_submit_runs_the_pipeline_on_s3_and_a_resubmit_skips_finished_stages
     assert [j.status for j in jobs] == [JobStatus.SUCCEEDED]
     # the run directory is on S3: stage records, the winner bundle with its report
     stages = json.loads(_s3_text("runs/demo/pipeline/stages.json"))
-    bundle = stages["tune (Ray Tune + Optuna + ASHA over Ray Train)"]["outputs"]["bundle"]
+    bundle = stages["tune (Ray Tune + Optuna + ASHA)"]["outputs"]["bundle"]
     assert bundle == "s3://jobs/runs/demo/winner"
     manifest = json.loads(_s3_text("runs/demo/winner/manifest.json"))
     assert {"report.html", "weights.safetensors"} <= set(manifest["files"])
