@@ -59,9 +59,9 @@ def storage_location(path: str, cfg: Config) -> tuple[str, Any]:
     return os.path.abspath(path), None
 
 
-def loop_config(cfg: Config, pp: Preprocessor, train_rows: int) -> dict[str, Any]:
-    """What the training loop is given (`training.loop.run_loop`)."""
-    return {"cfg": cfg.model_dump(mode="json"), "pp": pp.to_json(), "train_rows": train_rows}
+def loop_config(cfg: Config, pp_json: str, train_rows: int) -> dict[str, Any]:
+    """What the training loop is given (`training.loop.run_loop`); the preprocessor as its JSON."""
+    return {"cfg": cfg.model_dump(mode="json"), "pp": pp_json, "train_rows": train_rows}
 
 
 def quiet(datasets: dict[str, ray.data.Dataset]) -> None:
@@ -80,7 +80,7 @@ def make_trainer(cfg: Config, pp: Preprocessor, datasets: dict[str, ray.data.Dat
     path, fs = storage_location(t.storage_path or storage.join(cfg.run_dir, "checkpoints"), cfg)
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(cfg, pp, train_rows),
+        train_loop_config=loop_config(cfg, pp.to_json(), train_rows),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,

@@ -91,7 +91,7 @@ def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, 
     cfg = config_with(trial_config(Config.model_validate(base), params), {"train.storage_path": trials_dir})
     if cfg.train.num_workers == 1:
         quiet(datasets)
-        run_loop(loop_config(cfg, Preprocessor.from_json(pp_json), train_rows), TuneSession(datasets, use_gpu))
+        run_loop(loop_config(cfg, pp_json, train_rows), TuneSession(datasets, use_gpu))
         return
     trial_id = tune.get_context().get_trial_id()
     trainer = make_trainer(cfg, Preprocessor.from_json(pp_json), datasets, trial_id, train_rows,
