@@ -26,7 +26,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
-# every benchmark in < 30 min on the 2-core dev machine; rewrites docs/BENCHMARKS.md (ARGS="--only quality-movielens")
+# every benchmark in < 30 min on the 2-core dev machine; rewrites docs/BENCHMARKS.md and the README's figures
+# table from that one run (ARGS="--only quality-movielens" runs sections and prints their figures, writing nothing)
 $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	@touch $@

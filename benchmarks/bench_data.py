@@ -11,10 +11,12 @@ import os
 import tempfile
 import time
 
-import raycluster  # noqa: F401 - token auth before ray is imported
+import raycluster
+
+raycluster.use_token_auth()  # before ray is imported
 import ray
 
-from raycluster.config import load_config
+from training.config import load_config
 from training.prepare import prepare
 from training.synth import generate
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fit + encode {res['profile']['rows']:>12,} rows  {fit_encode:7.1f} s  "
           f"{res['profile']['rows'] / fit_encode:>12,.0f} rows/s   (target < 120 s for 10M; "
           f"fit {res['fit_seconds']:.1f} s, encode {res['encode_seconds']:.1f} s)")
+    print(f"HEADLINE | synthetic generation, {g['rows']:,} rows | {g['seconds']:.1f} s ({g['rows'] / g['seconds']:,.0f} rows/s)")
+    print(f"HEADLINE | fit + encode, {res['profile']['rows']:,} rows | {fit_encode:.1f} s (fit {res['fit_seconds']:.1f} s, "
+          f"encode {res['encode_seconds']:.1f} s)")
     return 0
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from raycluster.config import ModelConfig, TrainConfig
+from training.config import ModelConfig, TrainConfig
 from training.models import FieldSpec, build_model
 
 FIELDS = [FieldSpec("user_id", 25_002), FieldSpec("user_country", 32), FieldSpec("user_skills", 52, 5),

@@ -13,10 +13,12 @@ import argparse
 import os
 import tempfile
 
-import raycluster  # noqa: F401 - token auth before ray is imported
+import raycluster
+
+raycluster.use_token_auth()  # before ray is imported
 import ray
 
-from raycluster.config import load_config
+from training.config import load_config
 from training.synth import generate
 from training.trainer import train
 

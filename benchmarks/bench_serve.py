@@ -26,10 +26,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import raycluster  # noqa: E402,F401 - sets RAY_AUTH_MODE before ray is imported
-from raycluster.config import ServeConfig  # noqa: E402
+import raycluster  # noqa: E402
+
+raycluster.use_token_auth()  # before ray is imported
+from training.config import ServeConfig  # noqa: E402
 from raycluster.rayinit import free_port  # noqa: E402
-from training.synth import untrained_bundle  # noqa: E402
+from tests.helpers import untrained_bundle  # noqa: E402
 
 CONTEXT_FIELDS = ("user_id", "user_country", "user_skills", "hourly_rate", "tier", "hour", "device")
 ITEM_FIELDS = ("job_id", "job_category", "job_skills", "budget", "client_country", "position")
@@ -158,9 +160,9 @@ def serve_bare(bundle: str, port: int) -> None:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from serving.core import Scorer, Service
+    from serving.core import ServedModel, Service
 
-    scorer = Scorer(bundle)
+    scorer = ServedModel(bundle)
 
     async def score(columns: dict[str, list[Any]]) -> Any:
         return scorer.score_parts([columns])[0]
@@ -184,14 +186,14 @@ def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict
     from ray import serve
 
     from serving.client import wait_healthy
-    from serving.core import Scorer
-    from serving.run import run_server
+    from serving.core import ServedModel
+    from raycluster.serve import run_server
     from serving.schema import Schema
 
     bodies = rank_bodies(args.candidates)
     raw = [json.dumps(b).encode() for b in bodies]
     res: dict[tuple[str, int], dict[str, Any]] = {}
-    scorer = Scorer(bundle)
+    scorer = ServedModel(bundle)
     cols = [Schema(scorer.pp, 1000).rank_request(b)[0] for b in bodies]
     for c in args.concurrency:
         res["in-process", c] = inprocess_load(scorer, cols, c, args.duration, args.warmup)
@@ -243,6 +245,12 @@ def print_table(res: dict[tuple[str, int], dict[str, Any]], conc: list[int], ing
             print(f"{c:>7} | {i:<13} | {cell(b)} | {cell(s)} | {s['qps'] / b['qps']:>5.2f} {s['p99'] / b['p99']:>5.2f}")
     print("latency in ms; CPU = server-side CPU ms per request (Serve: proxy + replica; in-process: this process); "
           "bare is measured alternately with each Serve set-up")
+    c = 16 if 16 in conc else conc[-1]
+    ratios = [(res[f"serve/{i}", c]["qps"] / res[f"bare/{i}", c]["qps"], res[f"serve/{i}", c]["p99"] / res[f"bare/{i}", c]["p99"])
+              for i in ingress]
+    print(f"HEADLINE | `/rank` (100 candidates), {c} clients: Serve vs a bare FastAPI server, serve.ingress "
+          f"{' / '.join(ingress)} | {' / '.join(f'{q:.2f}x' for q, _ in ratios)} QPS, "
+          f"{' / '.join(f'{p:.2f}x' for _, p in ratios)} p99")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,18 +20,22 @@ import json
 import os
 import time
 
-import raycluster  # noqa: F401 - token auth before ray is imported
+import raycluster
+
+raycluster.use_token_auth()  # before ray is imported
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
 
-from raycluster.config import Config, config_with, load_config
-from training.evaluate import fields_of
+from training.config import Config, config_with, load_config
+from training.scoring import fields_of
 from training.features import LABEL
-from training.loop import Collate, iter_batches, make_optimizers
+from training.loop import make_optimizers
+from training.reader import Collate, iter_batches
 from training.models import build_model
-from training.prepare import encoded_datasets, ensure_prepared
+from training.prepare import ensure_prepared
+from training.reader import encoded_datasets
 from training.trainer import train
 
 
@@ -87,7 +91,7 @@ def ray_reader(cfg: Config, prep: dict, batch: int, materialized: bool) -> float
     run = config_with(cfg, {"data.materialize": materialized})
     ds = encoded_datasets(prep["encoded"], run, prep)["train"]
     shard = ds.streaming_split(1, equal=True)[0]
-    collate = Collate(pp.cat_columns, pp.num_columns, [LABEL], pin=False)
+    collate = Collate(pp, [LABEL], pin=False)
     rates = []
     for epoch in range(2):
         t0, rows = time.time(), 0
@@ -151,10 +155,17 @@ def main(argv: list[str] | None = None) -> int:
               f"   (before/after: {bare[0]:,.0f} / {bare[1]:,.0f})")
         for name, (rate, ev) in rates.items():
             print(f"{name + ' (best epoch)':<50} {rate:>12,.0f}/s {rate / limit:>8.2f}x   (eval {ev:.1f} s/epoch, excluded)")
+        one, two = rates["rankray train, 1 worker"][0], rates["rankray train, 2 workers (DDP)"][0]
+        print(f"HEADLINE | `rankray train` 1 worker / 2 workers vs a bare PyTorch loop (evaluation excluded) | "
+              f"{one / limit:.2f}x / {two / limit:.2f}x ({one:,.0f} / {two:,.0f} vs {limit:,.0f} samples/s)")
     print(f"{'reader, rows/s':<50} {'raw pyarrow':>14} {'streamed':>16} {'materialized':>16}")
     for i, (raw, streamed, mat) in enumerate(readers):
         print(f"{f'pass {i + 1}':<50} {raw:>12,.0f}/s {streamed:>10,.0f}/s {streamed / raw:4.2f}x "
               f"{mat:>10,.0f}/s {mat / raw:4.2f}x")
+    if len(readers) == 2:
+        (r1, s1, m1), (r2, s2, m2) = readers
+        print(f"HEADLINE | encoded reader vs raw pyarrow, pass 1 / 2: materialized; streamed | "
+              f"{m1 / r1:.2f}x / {m2 / r2:.2f}x; {s1 / r1:.2f}x / {s2 / r2:.2f}x")
     return 0
 
 

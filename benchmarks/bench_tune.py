@@ -13,11 +13,13 @@ import statistics
 import tempfile
 import time
 
-import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
+import raycluster
+
+raycluster.use_token_auth()  # before ray is imported
 
 import ray
 
-from raycluster.config import load_config
+from training.config import load_config
 from raycluster.rayinit import ensure_ray
 from training.prepare import ensure_prepared
 from tune.search import TrialClock, make_tuner, results_table
@@ -76,6 +78,12 @@ def main() -> None:
     later = tpe["startups"][1:] + rnd["startups"][1:]
     print(f"trial fixed cost (trial start -> first step): first {tpe['startups'][0]:.1f} s; after the first: "
           f"median {statistics.median(later):.1f} s, max {max(later):.1f} s ({len(s)} trials)")
+    print(f"HEADLINE | search: TPE + ASHA vs seeded random search, same budget ({args.trials} trials x {args.epochs} "
+          f"epochs) | {tpe['trial_epochs'] / max(rnd['trial_epochs'], 1):.2f}x the trial-epochs "
+          f"({tpe['trial_epochs']:.1f} vs {rnd['trial_epochs']:g}); best valid AUC {tpe['best'] - rnd['best']:+.4f} "
+          f"({tpe['best']:.4f} vs {rnd['best']:.4f}); wall {tpe['wall']:.0f} vs {rnd['wall']:.0f} s")
+    print(f"HEADLINE | trial fixed cost (Tune trial start -> first training step), first trial / the ones after it | "
+          f"{tpe['startups'][0]:.1f} s / median {statistics.median(later):.1f} s")
 
 
 if __name__ == "__main__":

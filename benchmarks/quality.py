@@ -22,11 +22,13 @@ import statistics
 import tempfile
 import time
 
-import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
+import raycluster
+
+raycluster.use_token_auth()  # before ray is imported
 import numpy as np
 import pyarrow.parquet as pq
 
-from raycluster.config import Config, config_with, load_config
+from training.config import Config, config_with, load_config
 from raycluster.rayinit import ensure_ray
 from training import storage
 from training.data import s3_options
@@ -150,6 +152,16 @@ def main() -> None:
     for r in rows:
         if "params" in r:
             print(f"tuned winner params: {json.dumps(r['params'])}")
+    by = {r["model"].split(" (")[0]: r for r in rows}
+    tuned = next((r for r in rows if "params" in r), None)
+    what = f"test AUC, {cfg.run.name} ({sum(rows_by_split.values()):,} rows): default dcnv2" \
+        + (" / tuned winner" if tuned else "") + " vs LightGBM vs logreg"
+    if "dcnv2" in by:
+        fig = fmt(by["dcnv2"], "auc") + (f" / {fmt(tuned, 'auc')}" if tuned else "") \
+            + f" vs {fmt(by['LightGBM'], 'auc')} vs {fmt(by['logreg'], 'auc')}"
+        if "bayes_ratio" in by["dcnv2"]:
+            fig += f" (Bayes ratio {fmt(by['dcnv2'], 'bayes_ratio', 3)} vs LightGBM {fmt(by['LightGBM'], 'bayes_ratio', 3)})"
+        print(f"HEADLINE | {what} | {fig}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "overrides": args.set, "rows": rows, "split_rows": rows_by_split}, f,

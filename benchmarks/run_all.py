@@ -7,6 +7,11 @@ keeps what it printed (Ray's own log lines left out) and how long it took. Sizes
 whole run stays under 30 minutes on the 2-core development machine; the benchmarks themselves take
 bigger sizes from their flags. The GPU section is re-measured when CUDA is present, otherwise the
 last GPU figures (docs/gpu-bench.txt, with the machine and date) are included as they are.
+
+One source of figures: every benchmark prints its headline figures as `HEADLINE | what | figure` lines;
+they become the table at the top of docs/BENCHMARKS.md, and the same table (between the `figures`
+markers) in README.md. Notes written by hand (docs/benchmark-notes.md, dated) follow the run's sections,
+apart from them.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ NOISE = re.compile(r"pid=|\x1b\[|^\s*$|INFO|WARNING|Warning|warn\(|Running Datas
                    r"Trial status|^\s*[╭│╰]|Local Ray|Started a local Ray|Tip:|To visualize|Training (started|finished)|"
                    r"core_worker\.cc|\d+%\||^\s*├|Trial _trial|Current time:|Logical resource usage|Current best trial|"
                    r"A new study created|completed after \d+ iterations")
+
+HEADLINE = "HEADLINE |"
+FIG_START, FIG_END = "<!-- figures: written by benchmarks/run_all.py -->", "<!-- /figures -->"
 
 SECTIONS = [
     ("quality-movielens", "Quality: MovieLens (real ratings, time split)",
@@ -56,6 +64,10 @@ SECTIONS = [
      "(the default: Serve's proxy in front) and `direct` (the replica answers on the port itself). Target at "
      "16 clients: Serve QPS >= bare, p99 <= 1.5x.",
      [PY, "benchmarks/bench_serve.py", "--duration", "6", "--concurrency", "1,8,16,32"]),
+    ("demo", "`make demo`: the whole pipeline on the embedded default",
+     "The pipeline as `make demo ARGS=--no-wait` runs it, on a fresh run name (the generated data of the "
+     "quality section reused): prepare, search, baseline, gate, deploy, smoke request.",
+     [PY, "benchmarks/bench_demo.py"]),
     ("tune", "Hyperparameter search: TPE + ASHA vs random",
      "Issue 4. Same data, space and trial budget; the config's ASHA defaults (grace 0.25 epochs, factor 3). Target: equal or better AUC with <= 0.5x "
      "the trial-epochs; trial fixed cost (start -> first step) < 5 s after the first.",
@@ -79,99 +91,86 @@ def machine() -> str:
             f"ray {ray_v}, torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
 
 
-def run(cmd: list[str]) -> tuple[str, float, int]:
+def run(cmd: list[str]) -> tuple[str, list[tuple[str, str]], float, int]:
+    """(what it printed, Ray's lines left out; its HEADLINE figures; seconds; exit status)."""
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "1"}).returncode
         log.seek(0)
-        lines = [ln.rstrip() for ln in log if not NOISE.search(ln)]
-    return "\n".join(lines[-60:]), time.time() - t0, rc
+        text = [ln.rstrip() for ln in log]
+    heads = [tuple(x.strip() for x in ln.split("|")[1:3]) for ln in text if ln.startswith(HEADLINE)]
+    lines = [ln for ln in text if not NOISE.search(ln) and not ln.startswith(HEADLINE)]
+    return "\n".join(lines[-60:]), heads, time.time() - t0, rc
+
+
+def figures_table(rows: list[tuple[str, str, str]]) -> str:
+    """The headline table, as BENCHMARKS.md and README.md both hold it."""
+    out = [FIG_START, "| what | figure | command |", "|---|---|---|"]
+    out += [f"| {what} | {fig} | `{cmd}` |" for what, fig, cmd in rows]
+    return "\n".join(out + [FIG_END])
+
+
+def replace_figures(text: str, table: str, where: str) -> str:
+    if FIG_START not in text or FIG_END not in text:
+        raise SystemExit(f"{where}: no {FIG_START} ... {FIG_END} block to replace")
+    return text[:text.index(FIG_START)] + table + text[text.index(FIG_END) + len(FIG_END):]
+
+
+def shown(cmd: list[str]) -> str:
+    return " ".join(["python" if c == PY else c for c in cmd])
 
 
 def section(name: str, title: str, about: str, cmd: list[str], out: str, seconds: float, rc: int) -> str:
-    shown = " ".join(["python" if c == PY else c for c in cmd])
     status = "" if rc == 0 else f"\n**Exited with status {rc}.**\n"
     tables = [ln for ln in out.splitlines() if ln.startswith("|")]
     body = "\n".join(tables) + "\n\n<details><summary>full output</summary>\n\n```\n" + out + "\n```\n</details>" \
         if tables else "```\n" + out + "\n```"
-    return f"## {title}\n\n{about}\n\n`{shown}` ({seconds / 60:.1f} min){status}\n\n{body}\n"
-
-
-def sections_of(text: str) -> dict[str, str]:
-    """title -> '## title ...' of a BENCHMARKS.md text."""
-    return {p.split("\n", 1)[0]: "## " + p.rstrip() + "\n" for p in text.split("\n## ")[1:]}
-
-
-def merge_sections(old: dict[str, str], new: dict[str, str]) -> list[str]:
-    """The sections in SECTIONS order, new ones replacing old ones (the notes are written afresh)."""
-    return [new.get(t) or old[t] for t in [s[1] for s in SECTIONS] + [GPU[1]] if t in new or t in old]
+    return f"## {title}\n\n{about}\n\n`{shown(cmd)}` ({seconds / 60:.1f} min){status}\n\n{body}\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", help="run these sections (names: " + ", ".join(s[0] for s in SECTIONS) + ")")
+    ap.add_argument("--only", nargs="+", help="run these sections and print their figures, writing nothing (names: "
+                    + ", ".join(s[0] for s in SECTIONS) + ")")
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
     args = ap.parse_args()
     import torch
 
     chosen = [s for s in SECTIONS if not args.only or s[0] in args.only]
-    start, parts, durations = time.time(), [], {}
+    start, parts, durations, heads = time.time(), [], {}, []
     for name, title, about, cmd in chosen:
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        out, seconds, rc = run(cmd)
+        out, found, seconds, rc = run(cmd)
         durations[name] = round(seconds)
+        heads += [(what, fig, shown(cmd)) for what, fig in found]
         print(out[-3000:] + f"\n   ({seconds:.0f} s, exit {rc})", flush=True)
         parts.append(section(name, title, about, cmd, out, seconds, rc))
     gpu_file = ROOT / "docs" / "gpu-bench.txt"
     if torch.cuda.is_available():
-        out, seconds, rc = run(GPU[3])
+        out, _, seconds, rc = run(GPU[3])
         gpu_file.write_text(f"{dt.date.today()}, {machine()}\n{out}\n")
     if gpu_file.exists():
-        parts.append(f"## {GPU[1]}\n\n{GPU[2]}\n\n`{' '.join(['python'] + GPU[3][1:])}` "
-                     f"(not re-run without a GPU; figures as last measured)\n\n```\n{gpu_file.read_text().strip()}\n```\n")
+        parts.append(f"## {GPU[1]}\n\n{GPU[2]}\n\n`{shown(GPU[3])}` "
+                     f"(not re-run without a GPU; figures as last measured, dated)\n\n```\n{gpu_file.read_text().strip()}\n```\n")
     total = time.time() - start
+    table = figures_table(heads)
+    if args.only:  # the figures of docs/BENCHMARKS.md and README.md come from one whole run: print, write nothing
+        print(table + f"\n(--only: nothing written; {total / 60:.1f} min)")
+        return
     head = (f"# Measured figures\n\nWritten by `make bench` (`benchmarks/run_all.py`) on {dt.date.today()}: "
             f"{machine()}; load average at the end {os.getloadavg()[0]:.1f}; {total / 60:.1f} min in all. Ratios are "
-            "only compared inside one run. Sections: " + json.dumps(durations) + " seconds.\n")
-    if args.only and Path(args.out).exists():  # the sections not re-run stay as they were, in their place
-        old_text = Path(args.out).read_text()
-        head = old_text.split("\n## ", 1)[0].rstrip() + (
-            f"\n\nRe-run on {dt.date.today()} with `--only {' '.join(args.only)}`: " + json.dumps(durations) + " seconds.\n")
-        parts = merge_sections(sections_of(old_text), sections_of("\n" + "\n".join(parts)))
-    Path(args.out).write_text(head + "\n" + "\n".join(parts) + NOTES)
-    print(f"wrote {args.out} in {total / 60:.1f} min")
+            "only compared inside one run. Sections: " + json.dumps(durations) + " seconds.\n\n"
+            "## Headline figures (README.md holds the same table)\n\n" + table + "\n")
+    notes_file = ROOT / "docs" / "benchmark-notes.md"
+    notes = ("\n## Notes kept apart (dated, not measured in this run)\n\n" + notes_file.read_text().strip() + "\n") \
+        if notes_file.exists() else ""
+    Path(args.out).write_text(head + "\n" + "\n".join(parts) + notes)
+    readme = Path(args.readme)
+    readme.write_text(replace_figures(readme.read_text(), table, str(readme)))
+    print(f"wrote {args.out} and the figures of {args.readme} in {total / 60:.1f} min")
 
-
-NOTES = """
-## Reading the figures
-
-- Quality: the deep models and logreg train through `rankray train` (Ray Train, one worker) with the
-  config's settings and only `model.name` / `train.seed` changed; LightGBM reads the same encoded
-  columns (categorical and multi-hot slots as native categoricals). "train s" includes Ray Train's
-  start-up for the rankray rows. Runs are deterministic for a seed (the same table comes back).
-- MovieLens (2026-11-26): the time split puts new users in valid and test (91% of test rows have a
-  userId unseen in training, 24% a new movieId). Without a history feature the deep models trailed
-  LightGBM by ~0.02 test AUC (dcnv2 0.664, LightGBM 0.681) while leading per user (GAUC). The whole
-  gap was one new user holding 25% of the test rows at a 7.7% positive rate: without that user dcnv2
-  and LightGBM were level (0.638 vs 0.638); tuning (embedding size, lr, batch, dropout, weight decay,
-  OOV rate, no cross net or no MLP) stayed within 0.660-0.667. What tells such a user apart is how many
-  ratings they gave before (past a user's 200th rating, 19-38% are positive; the first 10, 71%), so
-  the config has `user_ratings_before` (`count_by: userId`, a generic history-count feature made in
-  `prepare`). With it, in-process copies of the loop (3 seeds): dcnv2 0.705, LightGBM 0.695, logreg
-  0.673; a second count by movieId added nothing (0.710 vs 0.705, within the seeds' spread).
-- Speed figures were measured on a 2-core machine shared by nothing else during `make bench`; on a
-  busy machine they drop, the ratios much less. The host itself varies: in the 2026-11-26 run above
-  the bare loop and the bare server were ~40% slower than an hour before (55.6k vs 89.0k
-  samples/s; 95-107 vs 227-233 QPS), the ratios much as before.
-- Not part of `make bench` (~10 min): `python benchmarks/bench_memory.py`, train worker memory at
-  1M vs 10M rows with the same model, last measured 2026-11-26 beside a test suite: peak private
-  memory (USS) 477 -> 654 MB (1.37x; target <= 1.3x not met), 478 -> 873 MB (1.83x) when the id
-  vocabularies grow with the data. What still grows is O(validation rows): exact metrics gather
-  every worker's validation and test predictions.
-- More sizes: `bench_data.py --rows 10000000` (10M rows: generation 7.3 s, fit + encode 94.8 s on
-  2026-11-25), `bench_train.py --set data.source=... --set data.generate.rows=4000000`.
-"""
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,11 @@
-"""rankray's cluster-facing edge: CLI, config, Ray start-up and job helpers."""
+"""rankray's cluster-facing edge: CLI, pipeline, Ray start-up, serving start-up and job helpers.
+
+Importing it changes nothing; entry points call `use_token_auth()` before Ray is imported."""
 import os
 
-# Ray 2.60 reads this at import: token auth on for the clusters we start and for the jobs CLI.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+def use_token_auth() -> None:
+    """Token authentication for the clusters this process starts or joins and for the Ray CLI tools it
+    runs (`ray job submit` needs it to talk to the dashboard). Ray reads RAY_AUTH_MODE when it is
+    imported, so entry points call this first; an explicit setting in the environment wins."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 
-from raycluster.config import Config, ConfigError, dump_config, load_config
+from training.config import Config, ConfigError, dump_config, load_config
 
 log = logging.getLogger("rankray")
 
@@ -35,6 +36,11 @@ def _save_config(cfg: Config, where: str) -> None:
     from training.data import s3_options
 
     storage.write_text(storage.join(where, "config.yaml"), dump_config(cfg), s3_options(cfg))
+
+
+def _announce(dashboard: str) -> None:
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -65,7 +71,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from training.prepare import ensure_prepared, format_profile
 
     cfg = _config(args)
-    ensure_ray(cfg, job_name=f"{cfg.run.name}-prepare")
+    _announce(ensure_ray(cfg, job_name=f"{cfg.run.name}-prepare"))
     t = time.time()
     res = ensure_prepared(cfg, force=True)
     _save_config(cfg, res["dir"])
@@ -80,13 +86,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
     cfg = _config(args)
-    ensure_ray(cfg, job_name=f"{cfg.run.name}-train")
+    _announce(ensure_ray(cfg, job_name=f"{cfg.run.name}-train"))
     _save_config(cfg, cfg.run_dir)
     res = train(cfg, bundle_path=args.out)
     m = res.metrics
-    print(f"\ntrained {cfg.model.name} in {res.seconds:.0f} s: epochs {m['epochs_run']} "
-          f"(best {m['best_epoch']}), valid AUC {m['best_valid_auc']:.4f}, test AUC {m['test_auc']:.4f}, "
-          f"test logloss {m['test_logloss']:.4f}"
+    print(f"trained {cfg.model.name} in {res.seconds:.0f} s: {m['epochs_run']} epochs (best at {m['best_epoch']:.2f}), "
+          f"valid AUC {m['best_valid_auc']:.4f}, test AUC {m['test_auc']:.4f}, test logloss {m['test_logloss']:.4f}"
           + (f", Bayes ratio {m['test_bayes_ratio']:.3f}" if "test_bayes_ratio" in m else ""))
     print(f"bundle: {res.bundle}\nreport: {res.bundle}/report.html")
     return 0
@@ -99,7 +104,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     parse_space(cfg)  # a bad search space fails before Ray starts
-    ensure_ray(cfg, job_name=f"{cfg.run.name}-tune")
+    _announce(ensure_ray(cfg, job_name=f"{cfg.run.name}-tune"))
     res = run_search(cfg, restart=args.restart, export_path=args.out)
     w = res.winner
     print("\n" + format_table(res.table))
@@ -125,10 +130,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from raycluster.config import config_with
     from raycluster.rayinit import ensure_ray
     from training.bundle import load_bundle
-    from training.evaluate import evaluate_model, write_evaluation
+    from training.config import config_with
+    from training.evaluate import evaluate_encoded, evaluate_raw, write_evaluation
+    from training.prepare import ensure_prepared
 
     pp, model, meta = load_bundle(args.model)
     cfg = meta["config"]
@@ -139,9 +145,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = config_with(cfg, {"data": {**cfg.data.model_dump(mode="json"), "source": args.data,
                                          "split": {"kind": "given"}, "train": args.data, "valid": args.data,
                                          "test": args.data, "generate": None}})
-    ensure_ray(cfg, job_name=f"{cfg.run.name}-evaluate")
-    ev = evaluate_model(cfg, pp, model, args.split, history=meta["metrics"].get("history"),
-                        meta={"bundle": args.model, "version": meta["version"], "model": cfg.model.name})
+    _announce(ensure_ray(cfg, job_name=f"{cfg.run.name}-evaluate"))
+    kw = {"history": meta["metrics"].get("history"),
+          "meta": {"bundle": args.model, "version": meta["version"], "model": cfg.model.name}}
+    prep = None if args.data else ensure_prepared(cfg)
+    if prep is not None and prep["preprocessor"].to_json() == pp.to_json():
+        ev = evaluate_encoded(cfg, pp, model, meta["arch"], prep["encoded"], args.split, **kw)
+    else:  # other data, or the run's data now encodes differently: the bundle's own transform, from raw rows
+        ev = evaluate_raw(cfg, pp, model, meta["arch"], args.split, **kw)
     out = args.out or f"{cfg.run_dir}/evaluation"
     write_evaluation(out, ev, cfg)
     print(json.dumps(ev["metrics"], indent=2))
@@ -150,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.run import run_server
+    from raycluster.serve import run_server
 
     cfg = _config(args) if args.config else None
     run_server(args.model, cfg.serve if cfg else None, cfg, host=args.host, port=args.port, wait=not args.no_wait)
@@ -159,6 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rankray", description="Train, tune and serve a ranking model on Ray.")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines, progress blocks and the workers' output")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -204,8 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import raycluster
+
+    raycluster.use_token_auth()  # before anything imports ray
+    from training.console import VERBOSE_ENV, verbose
+
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    logging.basicConfig(level=logging.INFO if verbose() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - user errors get one clear line, the rest a traceback

@@ -7,23 +7,20 @@ again skips the stages whose record still matches (an interrupted search resumes
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-from raycluster.config import Config, config_with
 from training import storage
+from training.config import Config, config_with, fingerprint
 from training.data import s3_options
+from training.features import Preprocessor
 
 
 class GateError(RuntimeError):
     """The winner is not good enough to deploy; the message says why."""
-
-
-def _fp(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Stages:
@@ -69,12 +66,11 @@ def gate(cfg: Config, test_auc: float, baseline_auc: float | None) -> str:
     return f"winner test AUC {test_auc:.4f} >= min {cfg.pipeline.min_test_auc:.4f}{vs}: deploy"
 
 
-def smoke_request(url: str, bundle: str, api_key: str | None = None, k: int = 10) -> dict[str, Any]:
+def smoke_request(url: str, pp: Preprocessor, meta: dict[str, Any], api_key: str | None = None,
+                  k: int = 10) -> dict[str, Any]:
     """Rank the bundle's sample rows as candidates through the live endpoint."""
     from serving.client import rank
-    from training.bundle import load_bundle
 
-    pp, _, meta = load_bundle(bundle)
     rows = meta["samples"]["rows"][:k]
     cands = [{"id": f"sample-{i}", **{c: r.get(c) for c in pp.input_columns}} for i, r in enumerate(rows)]
     return rank(url, {}, cands, top_k=min(5, len(cands)), api_key=api_key)
@@ -82,7 +78,7 @@ def smoke_request(url: str, bundle: str, api_key: str | None = None, k: int = 10
 
 def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False) -> dict[str, Any]:
     from raycluster.rayinit import ensure_ray
-    from training.prepare import ensure_prepared, fingerprint, format_profile
+    from training.prepare import data_fingerprint, ensure_prepared, format_profile
     from training.trainer import train
     from tune.search import run_search, search_fingerprint, winner_path
 
@@ -98,7 +94,7 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
         print(format_profile(prep["profile"]), flush=True)
         return {"encoded": prep["encoded"], "rows": prep["profile"]["rows_by_split"]}
 
-    st.run("profile, split, fit and encode", fingerprint(cfg), data, total,
+    st.run("profile, split, fit and encode", data_fingerprint(cfg), data, total,
            lambda o: storage.exists(o["encoded"], s3))
 
     bundle = winner_path(cfg)
@@ -127,7 +123,7 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
 
         # the baseline depends on the data and the training settings, not on the search
         base = st.run("baseline: logreg on the same split",
-                      _fp(cfg.model_dump(mode="json", include={"data", "features", "train"})), baseline, total)
+                      fingerprint(cfg, {"data": (), "features": (), "train": ()}), baseline, total)
         baseline_auc = base["test_auc"]
         print(f"    logreg test AUC {baseline_auc:.4f}", flush=True)
 
@@ -138,26 +134,24 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
            "search_results": won["results_html"], "dashboard": dashboard, "test_auc": won["test"]["test_auc"],
            "baseline_test_auc": baseline_auc, "url": None}
     if cfg.pipeline.deploy:
-        import os
-
-        from serving.run import curl_line, example_body, run_server
+        from raycluster.serve import curl_line, example_body, run_server
         from training.bundle import load_bundle
 
         st.banner("deploy on Ray Serve", total)
-        url = run_server(won["bundle"], cfg.serve, cfg, wait=False)
+        pp, _, meta = load_bundle(won["bundle"])  # once: checked here, then handed to the deploy and the smoke test
+        url = run_server(won["bundle"], cfg.serve, cfg, wait=False, loaded=(pp, meta))
         out["url"] = url
         st.banner("smoke request", total)
         key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
-        ranked = smoke_request(url, won["bundle"], key)
+        ranked = smoke_request(url, pp, meta, key)
         print(f"    POST {url}/rank with 10 candidates -> top {len(ranked['results'])} "
               f"(model {ranked['model_version']}):", flush=True)
         for r in ranked["results"]:
             print(f"      #{r['index']:<3} {r.get('id', '')}  score {r['score']:.4f}", flush=True)
-        pp, _, meta = load_bundle(won["bundle"])
         out["curl"] = curl_line(url, example_body(pp, meta), cfg.serve.api_key_env)
     _summary(out)
     if cfg.pipeline.deploy and wait:
-        from serving.run import serve_until_interrupted
+        from raycluster.serve import serve_until_interrupted
         serve_until_interrupted()
     return out
 

@@ -1,8 +1,8 @@
 """Connect to the cluster named by RAY_ADDRESS / ray.address, or start a local Ray on the fly.
 
 The local Ray keeps Ray 2.60's token authentication on, and binds its dashboard to 127.0.0.1
-unless the config says otherwise. CLI tools that talk to it need RAY_AUTH_MODE=token, which is
-set here for child processes too.
+unless the config says otherwise. CLI tools that talk to it need RAY_AUTH_MODE=token: every rankray
+entry point sets it (`raycluster.use_token_auth`) before Ray is imported, for itself and its children.
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import logging
 import os
 import socket
 
-import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
-
 import ray
 
-from raycluster.config import Config, ServeConfig
+from training import console
+from training.config import Config, ServeConfig
+from training.resources import dashboard_url
 
 log = logging.getLogger("rankray")
 
@@ -36,11 +36,15 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None, serve:
     """Start or join Ray once per process; returns the dashboard URL (or '' without one). `serve` (default:
     the config's serve section) sets the environment of the Serve processes this job may start."""
     if ray.is_initialized():
+        console.quiet_ray()
         return dashboard_url()
     rc = cfg.ray if cfg else None
     address = (rc.address if rc else None) or os.environ.get("RAY_ADDRESS")
-    # The driver's own log lines are enough; Ray's progress bars stay on for Data and Tune.
-    kwargs: dict = {"log_to_driver": True, "namespace": "rankray"}
+    # rankray's own lines and progress bars say what happens; Ray's INFO lines and the workers' output
+    # (in Ray's log files either way, so on the dashboard) come to the console with --verbose
+    loud = console.verbose()
+    kwargs: dict = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.WARNING,
+                    "namespace": "rankray"}
     if job_name:
         kwargs["job_config"] = ray.job_config.JobConfig(metadata={"job_name": job_name})
     # Ray Train's controller polls its workers this often (default 2 s): a worker's report waits for the
@@ -63,6 +67,7 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None, serve:
         # "local": always a new local Ray, never a stale or unrelated `ray start` cluster on the machine
         ray.init(address="local", num_cpus=rc.num_cpus if rc else None, include_dashboard=dashboard,
                  dashboard_host=host, dashboard_port=port, runtime_env={"env_vars": env}, **kwargs)
+    console.quiet_ray()
     return dashboard_url()
 
 
@@ -80,11 +85,3 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def dashboard_url() -> str:
-    try:
-        url = ray.get_runtime_context().worker.node.address_info.get("webui_url") or ""
-    except AttributeError:
-        url = ""
-    return f"http://{url}" if url and not url.startswith("http") else url

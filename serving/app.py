@@ -19,9 +19,9 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from raycluster.config import ServeConfig
+from training.config import ServeConfig
 from training.bundle import load_bundle
-from serving.core import Scorer, Service
+from serving.core import ServedModel, Service
 from serving.schema import ErrorResponse, PredictRequest, PredictResponse, RankRequest, RankResponse, RequestError
 
 log = logging.getLogger("rankray.serving")
@@ -45,14 +45,14 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class Ranker:
-    """One replica: a self-checked bundle, its request schema and a batched scorer."""
+    """One replica: a self-checked bundle, its request schema and a batched scoring function."""
 
     def __init__(self, bundle_path: str, serve_cfg: ServeConfig | dict[str, Any] | None = None,
                  loader: Callable = load_bundle) -> None:
         cfg = ServeConfig.model_validate(serve_cfg or {}) if not isinstance(serve_cfg, ServeConfig) else serve_cfg
         # raises when the bundle fails its checks or its sample scores: Serve never marks the replica healthy
-        self.scorer = Scorer(bundle_path, loader, ray_metrics=True)
-        self.service = Service(self.scorer, cfg, self._score_batch)
+        self.served = ServedModel(bundle_path, loader, ray_metrics=True)
+        self.service = Service(self.served, cfg, self._score_batch)
         self._score_batch.set_max_batch_size(cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -61,7 +61,7 @@ class Ranker:
         # kept off the routes: @serve.batch on a FastAPI route makes FastAPI expect a `requests` query field.
         # Scored inline on the replica's loop: a worker thread let requests trickle in one by one and
         # measured ~1.5 requests per batch instead of ~6 at 16 clients, at twice the CPU per request.
-        return self.scorer.score_parts(parts)
+        return self.served.score_parts(parts)
 
     @api.post("/rank", summary="Rank candidates for one context", openapi_extra=_body_doc(RankRequest),
               responses={200: {"model": RankResponse}, **_ERRORS})

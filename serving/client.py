@@ -1,10 +1,10 @@
 """A small client for the rankray HTTP API (stdlib only)."""
 from __future__ import annotations
 
+import http.client
 import json
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any
 
 
@@ -17,6 +17,21 @@ class RankrayError(RuntimeError):
         self.detail = detail
 
 
+def _request(url: str, method: str, body: bytes | None, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    """One HTTP exchange on its own connection, closed by this side: the server's port keeps no TIME_WAIT
+    entry (urllib asks the server to close, and a direct-ingress replica restarted on that port then waits
+    the kernel's ~60 s before it can bind it)."""
+    u = urllib.parse.urlsplit(url)
+    conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(
+        u.hostname or "127.0.0.1", u.port, timeout=timeout)
+    try:
+        conn.request(method, (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def _call(url: str, method: str, body: dict[str, Any] | None, api_key: str | None, timeout: float) -> dict[str, Any]:
     headers = {"Accept": "application/json"}
     data = None
@@ -25,17 +40,15 @@ def _call(url: str, method: str, body: dict[str, Any] | None, api_key: str | Non
         headers["Content-Type"] = "application/json"
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - caller-chosen http(s) URL
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
+    status, raw = _request(url, method, data, headers, timeout)
+    if status >= 300:
+        text = raw.decode(errors="replace")
         try:
             detail = json.loads(text).get("detail", text)
         except (ValueError, AttributeError):
             detail = text
-        raise RankrayError(e.code, str(detail)) from None
+        raise RankrayError(status, str(detail))
+    return json.loads(raw)
 
 
 def rank(url: str, context: dict[str, Any], candidates: list[dict[str, Any]], top_k: int | None = None,
@@ -60,9 +73,8 @@ def model_info(url: str, api_key: str | None = None, timeout: float = 10.0) -> d
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """True when GET /healthz answers 200."""
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout) as resp:  # noqa: S310
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
+        return _request(f"{url.rstrip('/')}/healthz", "GET", None, {}, timeout)[0] == 200
+    except (OSError, http.client.HTTPException):
         return False
 
 

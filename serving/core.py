@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from raycluster.config import MultiHotFeature, ServeConfig
 from training.bundle import load_bundle, verify_samples
-from training.features import OOV, DataError, Preprocessor, numeric_transform
+from training.config import ServeConfig
+from training.features import OOV, DataError, Preprocessor
+from training.scoring import score_columns
 from serving.auth import ApiKeyGuard
 from serving.metrics import Metrics
 from serving.schema import RequestError, Schema, parse_json
@@ -31,8 +31,9 @@ ScoreFn = Callable[[dict[str, list[Any]]], Awaitable[np.ndarray]]
 SELF_CHECK_ATOL = 1e-5
 
 
-class Scorer:
-    """A loaded bundle whose sample rows re-scored to their recorded scores (else construction fails)."""
+class ServedModel:
+    """A loaded bundle whose sample rows re-scored to their recorded scores (else construction fails),
+    scored through training's one scoring path (`training.scoring.score_columns`)."""
 
     def __init__(self, bundle_path: str, loader: Loader = load_bundle, ray_metrics: bool = False,
                  torch_threads: int | None = 1) -> None:
@@ -41,12 +42,10 @@ class Scorer:
             # HTTP side for the same cores (measured 27 ms instead of 0.7 ms on a busy 2-core machine)
             torch.set_num_threads(torch_threads)
         self.pp, self.model, self.meta = loader(bundle_path)
-        self.model.eval()
         # refuse to serve weights and preprocessing that do not reproduce training's scores
         self.self_check_diff = verify_samples(self.pp, self.model, self.meta, atol=SELF_CHECK_ATOL)
         self.version = str(self.meta.get("version"))
         self._oov_slots = {f.name: self.pp.slots(f) for f in self.pp.cat_features}
-        self._list_columns = {f.column for f in self.pp.spec.features if isinstance(f, MultiHotFeature) and f.sep is None}
         self.metrics = Metrics(list(self._oov_slots), ray=ray_metrics)
 
     def score(self, columns: dict[str, list[Any]]) -> np.ndarray:
@@ -54,18 +53,9 @@ class Scorer:
         return self._forward(columns)[0]
 
     def _forward(self, columns: dict[str, list[Any]]) -> tuple[np.ndarray, dict[str, int]]:
-        batch: dict[str, Any] = dict(columns)
-        for c in self._list_columns & batch.keys():
-            try:  # numpy would turn equal-length lists into a 2-D array; Arrow keeps a list column
-                batch[c] = pa.array(batch[c])
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise DataError(f"column {c!r}: cannot read the lists ({e})") from None
-        enc = self.pp.transform(batch)
-        x_cat, x_num = self.pp.pack(enc)
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(x_cat), torch.from_numpy(x_num))
+        p, enc = score_columns(self.pp, self.model, columns)
         oov = {f: int(sum(np.count_nonzero(enc[s] == OOV) for s in slots)) for f, slots in self._oov_slots.items()}
-        return torch.sigmoid(logits.float()).numpy().astype(np.float64), oov
+        return p.astype(np.float64), oov
 
     def score_parts(self, parts: list[dict[str, list[Any]]]) -> list[np.ndarray | RequestError]:
         """Score several requests' columns in one forward pass and split the scores back. A request the
@@ -108,14 +98,14 @@ def _finite(x: Any) -> Any:
 
 
 class Service:
-    """HTTP handlers over a Scorer; `score_fn` is where Serve plugs in its batching."""
+    """HTTP handlers over a ServedModel; `score_fn` is where Serve plugs in its batching."""
 
-    def __init__(self, scorer: Scorer, cfg: ServeConfig, score_fn: ScoreFn, guard: ApiKeyGuard | None = None) -> None:
-        self.scorer = scorer
+    def __init__(self, served: ServedModel, cfg: ServeConfig, score_fn: ScoreFn, guard: ApiKeyGuard | None = None) -> None:
+        self.served = served
         self.cfg = cfg
         self.score_fn = score_fn
         self.guard = guard if guard is not None else ApiKeyGuard.from_env(cfg.api_key_env)
-        self.schema = Schema(scorer.pp, cfg.max_candidates)
+        self.schema = Schema(served.pp, cfg.max_candidates)
 
     async def _body(self, request: Request) -> Any:
         limit = self.cfg.max_body_bytes
@@ -143,7 +133,7 @@ class Service:
         except Exception:  # noqa: BLE001 - a bug, not bad input: log it, answer 500, keep the replica up
             log.exception("%s failed", endpoint)
             resp = JSONResponse({"detail": "internal error"}, status_code=500)
-        self.scorer.metrics.request(endpoint, resp.status_code, (time.perf_counter() - t0) * 1000)
+        self.served.metrics.request(endpoint, resp.status_code, (time.perf_counter() - t0) * 1000)
         return resp
 
     async def _scores(self, columns: dict[str, list[Any]], key: str) -> np.ndarray:
@@ -158,13 +148,12 @@ class Service:
         """A 422 naming the first item without a finite score and its numeric field farthest from training's
         range: finite but huge numbers (e.g. position=1e15) overflow float32 inside the model."""
         i = int(np.flatnonzero(~np.isfinite(scores))[0])
-        pp = self.scorer.pp
+        pp = self.served.pp
         dist: dict[str, float] = {}
         for f in pp.num_features:
             v = columns[f.column][i]
             if type(v) in (int, float):
-                x = numeric_transform(np.array([float(v)]), f.transform)[0]
-                dist[f.column] = max(dist.get(f.column, 0.0), abs((x - pp.mean[f.name]) / (pp.std[f.name] or 1.0)))
+                dist[f.column] = max(dist.get(f.column, 0.0), float(abs(pp.standardize(f, np.array([float(v)]))[0])))
         where = f"{key}[{i}]"
         if dist:
             c = max(dist, key=dist.__getitem__)
@@ -176,19 +165,19 @@ class Service:
         columns, ids, top_k = self.schema.rank_request(body)
         scores = await self._scores(columns, "candidates")
         order = np.argsort(-scores, kind="stable")[:top_k]
-        return {"model_version": self.scorer.version,
+        return {"model_version": self.served.version,
                 "results": [{"index": i, "id": ids[i], "score": s} for i, s in zip(order.tolist(), scores[order].tolist())]}
 
     async def _predict(self, body: Any) -> dict[str, Any]:
         scores = await self._scores(self.schema.predict_request(body), "rows")
-        return {"model_version": self.scorer.version, "scores": scores.tolist()}
+        return {"model_version": self.served.version, "scores": scores.tolist()}
 
     async def _model(self, _: Any) -> dict[str, Any]:
-        return {**self.scorer.info(), "request_fields": self.schema.fields,
+        return {**self.served.info(), "request_fields": self.schema.fields,
                 "limits": {k: getattr(self.cfg, k) for k in ("max_candidates", "max_body_bytes", "max_batch_size",
                                                              "batch_wait_timeout_s", "max_ongoing_requests",
                                                              "max_queued_requests")},
-                "auth": self.guard.enabled, "counters": self.scorer.metrics.snapshot()}
+                "auth": self.guard.enabled, "counters": self.served.metrics.snapshot()}
 
     async def rank(self, request: Request) -> Response:
         return await self._handle("rank", request, self._rank)
@@ -200,7 +189,7 @@ class Service:
         return await self._handle("model", request, self._model, needs_body=False)
 
     def healthz(self) -> Response:
-        return JSONResponse({"status": "ok", "version": self.scorer.version})
+        return JSONResponse({"status": "ok", "version": self.served.version})
 
     def check(self, request: Request) -> None:
         self.guard.check(request.headers.get("authorization"))

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
-from raycluster.config import CategoricalFeature, MultiHotFeature
+from training.config import CategoricalFeature, MultiHotFeature
 from training.features import Preprocessor
 
 MISSING = object()

@@ -1,120 +1,25 @@
-"""Shared fixtures: one local Ray per test module, a moto S3 server on loopback, small datasets."""
+"""Shared fixtures. One local Ray for the whole run (started by the first module that needs it, with the
+dashboard on 127.0.0.1 for Tune's ASHA clean-up), one Serve on it, a moto S3 server on loopback, one
+API key in the environment before Ray starts (replicas inherit it, as in production), and prepared
+data that several modules share. Modules that must start Ray their own way (`own_ray`) run last; they
+stop the shared Ray first, and a later module that needs it starts it again."""
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
-from pathlib import Path
+import secrets
+from collections.abc import Iterator
 
-import numpy as np
-import psutil
-import pyarrow as pa
 import pytest
 
-import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
-from raycluster.rayinit import free_port as _free_port  # noqa: F401,E402
-from training.synth import untrained_bundle as make_bundle  # noqa: F401,E402 - serving tests' bundles
+import raycluster
+from tests.helpers import API_KEY_ENV, free_port
+
+raycluster.use_token_auth()  # as every rankray entry point does, before ray is imported
 
 
-def burst_codes(send: Callable[[], Any], n: int = 24) -> list[int]:
-    """Status codes of `n` calls of `send` released together; a 503 without Retry-After counts as -503."""
-    codes: list[int] = []
-    gate = threading.Barrier(n)
-
-    def hit() -> None:
-        gate.wait()
-        r = send()
-        codes.append(r.status_code if r.status_code != 503 or r.headers.get("retry-after") == "1" else -503)
-
-    threads = [threading.Thread(target=hit) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return codes
-
-
-def small_table(n: int = 4000, seed: int = 0) -> pa.Table:
-    """Interactions with every feature kind; the label depends on user, item and the numeric."""
-    rng = np.random.default_rng(seed)
-    user = rng.integers(0, 60, n)
-    item = rng.integers(0, 40, n)
-    price = rng.lognormal(3, 1, n)
-    tags = np.array(["a|b", "b", "c|d|e", "", "a|c|d|e|f|g"])[rng.integers(0, 5, n)]
-    logit = np.where(user % 3 == item % 3, 1.5, -1.5) + 0.3 * np.log(price) - 1.0
-    label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    color = np.array(["red", "green", "blue", None], dtype=object)[rng.integers(0, 4, n)]
-    return pa.table({
-        "user": user, "item": item, "price": price, "tags": tags, "color": color,
-        "ts": np.arange(n, dtype=np.int64) * 60 + 1_700_000_000, "clicked": label,
-    })
-
-
-SMALL_FEATURES = {
-    "label": "clicked", "group": "user", "time": "ts",
-    "features": [
-        {"name": "user", "type": "categorical"},
-        {"name": "item", "type": "categorical"},
-        {"name": "color", "type": "categorical"},
-        {"name": "tags", "type": "multi_hot", "sep": "|", "max_len": 4},
-        {"name": "price", "type": "numeric", "transform": "log1p"},
-    ],
-}
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server: str) -> Iterator[None]:
-    """Ray started after the S3 server so its workers inherit the AWS_* variables."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
-    yield
-    ray.shutdown()
-
-
-@contextlib.contextmanager
-def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
-    """A real head node started with the `ray` CLI (dashboard on 127.0.0.1, token auth on). `--block`
-    keeps it tied to one process group, so teardown stops this cluster only (`ray stop` would stop
-    every Ray on the machine). RAY_ADDRESS in the node's environment lets Ray's own helpers inside the
-    cluster (e.g. Train's placement-group cleaner) find it even when another Ray runs on the machine."""
-    port, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
-    env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             # own agent ports: another Ray on the machine must not hold the jobs agent's port
-                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120  # the job agent comes up a little after the head
-        cli_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-        while subprocess.run([ray_bin, "job", "list", "--address", address], env=cli_env,
-                             capture_output=True, timeout=60).returncode != 0:
-            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
-            time.sleep(2)
-        yield {"gcs": f"127.0.0.1:{port}", "address": address, "env": cli_env, "bin": ray_bin}
-    finally:
-        # `ray start --block` spends ~34 s stopping its processes one by one after SIGTERM; the group is
-        # this test's alone, so after a short grace it is killed whole
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules marked own_ray last (stable otherwise): the shared Ray starts once."""
+    items.sort(key=lambda it: it.get_closest_marker("own_ray") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -122,38 +27,67 @@ def s3_server() -> Iterator[str]:
     """A real S3 protocol server (moto, server mode) on loopback; credentials via AWS_* variables."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    env = pytest.MonkeyPatch()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url,
+                 API_KEY_ENV: secrets.token_urlsafe(24)}.items():
+        env.setenv(k, v)
     yield url
     server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    env.undo()
 
 
-def train_workers(raylet_pid: int) -> list[psutil.Process]:
-    """Train worker processes of ONE Ray node (the raylet's children): other people's Ray on this
-    machine runs processes with the same names."""
-    out = []
-    for p in psutil.Process(raylet_pid).children(recursive=True):
-        try:
-            if (p.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return sorted(out, key=lambda p: p.pid)
-
-
-def raylet_pid(node=None) -> int:
+def start_shared_ray() -> None:
+    """The run's local Ray (2 logical CPUs, dashboard and token auth on); its processes inherit the AWS_*
+    variables of the moto server and the test API key."""
     import ray
 
-    node = node or ray._private.worker._global_node
-    return node.all_processes["raylet"][0].process.pid
+    if ray.is_initialized():
+        return
+    dash = free_port()
+    # the API key reaches the replicas as in production, through the environment the processes inherit
+    # (a runtime_env would write it into the runtime-env agent's log)
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    # as rankray's own start-up sets them: Train's clean-up of stopped trials finds the dashboard, and a
+    # worker's report is polled every 0.25 s
+    env.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
+             log_to_driver=False, runtime_env={"env_vars": env})
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server: str) -> Iterator[None]:
+    start_shared_ray()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_the_end() -> Iterator[None]:
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_local: None) -> str:
+    """Serve's HTTP proxy on the shared Ray (started once; apps are deployed under their own routes)."""
+    from ray import serve
+
+    port = int(os.environ.setdefault("RANKRAY_TEST_SERVE_PORT", str(free_port())))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def own_ray() -> Iterator[None]:
+    """For tests that start Ray their own way: the shared one is stopped first."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()

@@ -13,12 +13,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from raycluster.config import Config, FeaturesConfig, ModelConfig, load_config
-from training.bundle import BundleError, load_bundle, save_bundle, score_rows, verify_samples
+from training.config import Config, FeaturesConfig, ModelConfig, load_config
+from training.bundle import BundleError, load_bundle, save_bundle, verify_samples
+from training.scoring import score_rows
 from training.features import Preprocessor
 from training.models import FieldSpec, build_model, model_arch
 
-from .conftest import SMALL_FEATURES, small_table
+from tests.helpers import SMALL_FEATURES, small_table
 
 MODEL_CFG = ModelConfig(embedding_dim=4, mlp=[16], cross_layers=1)
 

@@ -2,9 +2,9 @@
 import pytest
 
 from raycluster.cli import main
-from raycluster.config import ConfigError, config_with, dump_config, load_config, parse_yaml
+from training.config import ConfigError, config_with, dump_config, load_config, parse_yaml
 
-from .conftest import SMALL_FEATURES
+from tests.helpers import SMALL_FEATURES
 
 BASE = {"data": {"source": "x.parquet"}, "features": SMALL_FEATURES}
 
@@ -80,7 +80,7 @@ def test_cli_bad_config_fails_before_any_work(tmp_path, capsys):
 
 
 def test_yaml_12_numbers_and_booleans():
-    from raycluster.config import parse_yaml
+    from training.config import parse_yaml
 
     v = parse_yaml("lr: 1e-5\nr: [1e-05, 2E3]\nk: on\nb: true")
     assert v == {"lr": 1e-5, "r": [1e-5, 2000.0], "k": "on", "b": True}

@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from raycluster.config import load_config
+from training.config import load_config
 from training.data import SPLIT, read_source, split_dataset
 from training.features import OOV, DataError, Preprocessor
-from training.prepare import Encoder, compute_stats, prepare
+from training.prepare import compute_stats, encode_batch, prepare
+from training.cache import content_key
 
-from .conftest import SMALL_FEATURES, small_table
+from tests.helpers import SMALL_FEATURES, small_table
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -80,7 +81,8 @@ def test_fit_and_encode_match_direct_transform(data_dir, tmp_path):
     assert pp.mean["price"] == pytest.approx(logp.mean()) and pp.std["price"] == pytest.approx(logp.std())
     # the cached encoded shards equal the transform called directly on the same rows
     enc = pq.read_table(os.path.join(res["encoded"], "split=train")).sort_by("user")
-    direct = Encoder(pp.to_json())(train)
+    key = content_key(pp.to_json())
+    direct = encode_batch(train, key, pp.to_json())
     direct_t = pa.table({k: v for k, v in direct.items() if k != "split"}).sort_by("user")
     cols = pp.cat_columns + pp.num_columns + ["__label__"]
     for c in cols:
@@ -88,8 +90,8 @@ def test_fit_and_encode_match_direct_transform(data_dir, tmp_path):
     assert enc.num_rows == res["profile"]["rows_by_split"]["train"]
     assert enc.schema.field("user").type == pa.int32() and enc.schema.field("price").type == pa.float32()
     # Ray Data map_batches calling the same function gives identical output
-    via_ray = ray.data.from_arrow(train).map_batches(Encoder, fn_constructor_args=(pp.to_json(),),
-                                                     batch_format="pyarrow", batch_size=None, concurrency=1)
+    via_ray = ray.data.from_arrow(train).map_batches(encode_batch, fn_args=(key, pp.to_json()),
+                                                     batch_format="pyarrow", batch_size=None)
     got = pa.concat_tables(ray.get(via_ray.to_arrow_refs()))
     for c in cols:
         np.testing.assert_array_equal(got[c].to_numpy(), np.asarray(direct[c]))

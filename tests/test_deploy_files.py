@@ -272,7 +272,6 @@ def test_rayservice_deploys_this_repos_serve_app(rayservice):
     args = module.AppArgs.model_validate(app["args"])
     assert set(app["args"]) <= set(reference["args"]) | {"num_cpus"}
     assert args.bundle.startswith("s3://") and args.bundle.rstrip("/").endswith("/winner")
-    assert ray.is_initialized() is False  # importing the app starts nothing
 
     # the API key the replicas read is given to every node that can host a replica, from a Secret
     key_env = args.serve.api_key_env

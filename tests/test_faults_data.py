@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from raycluster.config import ConfigError, load_config
+from training.config import ConfigError, load_config
 from training.data import REASON, split_dataset, usable_rows
 from training.features import DataError
-from training.prepare import compute_stats, encoded_datasets, prepare, profile
+from training.prepare import compute_stats, prepare, profile
+from training.reader import encoded_datasets
 
-from .conftest import SMALL_FEATURES, _free_port, small_table
+from tests.helpers import SMALL_FEATURES, free_port as _free_port, small_table
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -258,10 +259,10 @@ def _epoch_ids(shard, pp_json: str, rid_slot: int, batch: int, shuffle: int, see
     """What one train worker reads in one epoch: training.loop.iter_batches over its shard, with the
     loop's own collate; the row id is the encoded `rid` slot."""
     from training.features import LABEL, Preprocessor
-    from training.loop import Collate, iter_batches
+    from training.reader import Collate, iter_batches
 
     pp = Preprocessor.from_json(pp_json)
-    collate = Collate(pp.cat_columns, pp.num_columns, [LABEL], pin=False)
+    collate = Collate(pp, [LABEL], pin=False)
     return [int(v) for b in iter_batches(shard, collate, batch, shuffle, seed) for v in b["x_cat"][:, rid_slot]]
 
 

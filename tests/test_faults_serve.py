@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
-from raycluster.config import ServeConfig
+from training.config import ServeConfig
 from serving.app import build_app
-from tests.conftest import _free_port, make_bundle
+from tests.helpers import untrained_bundle as make_bundle
 from training import synth
 
 pytestmark = pytest.mark.slow
@@ -60,14 +60,6 @@ def versions(bundles: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
     return synth.generate_shard(200, 5, 0, 1).select(list(FIELDS)).to_pylist()
-
-
-@pytest.fixture(scope="module")
-def serve_url(ray_local) -> str:
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 @pytest.fixture

@@ -5,9 +5,8 @@ mid-write (local disk and S3). Real processes, real files, no mocks.
 Each test prints the figures it measured (restarts, epochs recomputed, AUC gap, seconds) on a
 `FIGURES` line: run with `-s` to see them.
 
-This module runs its own local Ray instead of conftest's module-scoped `ray_local`: the node-removal
-test needs a multi-node `ray.cluster_utils.Cluster` in between, so it shuts the local Ray down and the
-next test that needs one starts it again."""
+The node-removal test needs a multi-node `ray.cluster_utils.Cluster`: it stops the shared Ray (the
+module runs among the last, `own_ray`), and a later test that needs the shared one starts it again."""
 from __future__ import annotations
 
 import json
@@ -23,48 +22,29 @@ import numpy as np
 import psutil
 import pytest
 
-import raycluster  # noqa: F401 - sets RAY_AUTH_MODE before ray is imported
-
-# isort: split
-import ray
-
-from raycluster.config import dump_config, load_config
+from training.config import dump_config, load_config
 from training import storage, synth
-from training.loop import MANIFEST, CheckpointError, verify_checkpoint
-from training.prepare import encoded_datasets, ensure_prepared
+from training.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
+from training.prepare import ensure_prepared
+from training.reader import encoded_datasets
 from training.trainer import make_trainer
 
-from .conftest import raylet_pid as _raylet_pid, train_workers as _train_workers
+from tests.helpers import raylet_pid as _raylet_pid, train_workers as _train_workers
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_ray]
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the registered checkpoints
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ensure_ray() -> None:
-    """A local Ray with 2 logical CPUs; its workers inherit the moto server's AWS_* variables."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray_down_after_module():
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
-def local_ray(s3_server):
-    _ensure_ray()
+def local_ray(ray_local):
     yield
 
 
 @pytest.fixture(scope="module")
-def gen(tmp_path_factory, s3_server):
+def gen(tmp_path_factory, ray_local):
     """100k synthetic rows, prepared once under one run dir (run.name `faults`) that every test shares."""
-    _ensure_ray()
     base = tmp_path_factory.mktemp("faults")
     out = str(base / "data")
     synth.generate(100_000, out, seed=1, shards=2)
@@ -192,15 +172,15 @@ def test_worker_killed_twice_resumes_from_latest_checkpoint_and_matches_undistur
     history = json.loads(m["history"])
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]  # no epoch trained twice in the kept history
     assert m["epochs_run"] == 5 and calm.metrics["epochs_run"] == 5
-    gap = abs(m["test_auc"] - calm.metrics["test_auc"])
+    gap = abs(m["best_valid_auc"] - calm.metrics["best_valid_auc"])
     _figures(case="worker killed twice", restarts=len(starts) - 1, starts=starts, killed_after_ckpt_of_epoch=expected,
              partial_epoch_seconds_lost=[round(x, 1) for x in lost],
              epochs_recomputed=sum(e - s for e, s in zip(expected, starts[1:])),
              seconds_kill_to_new_workers=[round(x, 1) for x in regroup],
              seconds_kill_to_next_checkpoint=[round(x, 1) for x in recovery],
-             test_auc=m["test_auc"], undisturbed_test_auc=calm.metrics["test_auc"], auc_gap=gap,
+             valid_auc=m["best_valid_auc"], undisturbed_valid_auc=calm.metrics["best_valid_auc"], auc_gap=gap,
              seconds=fit.box["seconds"], undisturbed_seconds=calm_fit.box["seconds"])
-    assert gap <= 0.01, (m["test_auc"], calm.metrics["test_auc"])
+    assert gap <= 0.01, (m["best_valid_auc"], calm.metrics["best_valid_auc"])
 
 
 # ---------------------------------------------------------------- 4. checkpoints torn by a killed writer
@@ -308,7 +288,7 @@ def test_checkpoint_torn_by_killed_writer_is_never_loaded(gen, local_ray, tmp_pa
     assert m["resumed_from"] == older, (m["resumed_from"], older, latest, partial)
     assert len(refused) == 1 and refused[0].startswith(f"{latest}: ") and "checksum mismatch" in refused[0], refused
     assert json.loads(m["starts"]) == [0, 1]  # epoch 1 from the complete checkpoint, not the torn state's 99
-    assert m["epochs_run"] == 2 and np.isfinite(m["test_auc"])
+    assert m["epochs_run"] == 2 and np.isfinite(m["best_valid_auc"])
     assert storage.exists(storage.join(run, partial))  # left alone, and never offered by Ray
     _figures(case=f"torn checkpoint ({where})", resumed_from=m["resumed_from"], refused=refused,
              manifest_sha256={k: v["sha256"][:16] for k, v in manifest.items()}, starts=json.loads(m["starts"]),
@@ -328,7 +308,9 @@ def test_killed_driver_resubmitted_resumes_with_at_most_one_epoch_recomputed(gen
     ensure_prepared(cfg)  # the CLI runs reuse this module's prepared data (same run dir and fingerprint)
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(dump_config(cfg))
-    cmd = [sys.executable, "-m", "raycluster", "train", "--config", str(cfg_file), "--out", str(tmp_path / "bundle")]
+    # --verbose: the workers' own lines (the epoch rows read below) come to the driver's log
+    cmd = [sys.executable, "-m", "raycluster", "--verbose", "train", "--config", str(cfg_file), "--out",
+           str(tmp_path / "bundle")]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONUNBUFFERED": "1"}
     run_dir = store / "faults"
 
@@ -425,9 +407,9 @@ def test_removed_worker_node_restarts_from_checkpoint_on_remaining_node(gen, tmp
         _figures(case="worker node removed", workers_on_removed_node=len(on_node), restarts=len(starts) - 1,
                  starts=starts, removed_after_ckpt_of_epoch=m["epoch"], epochs_recomputed=0,
                  seconds_to_finish_after_removal=after_removal, seconds=fit.box["seconds"],
-                 test_auc=result.metrics["test_auc"])
+                 valid_auc=result.metrics["best_valid_auc"])
         assert len(starts) == 2 and starts[1] == int(m["epoch"]) >= 1, (starts, m.get("epoch"))
-        assert result.metrics["epochs_run"] == 4 and np.isfinite(result.metrics["test_auc"])
+        assert result.metrics["epochs_run"] == 4 and np.isfinite(result.metrics["best_valid_auc"])
         assert [n["Alive"] for n in ray.nodes()].count(True) == 1
     finally:
         ray.shutdown()

@@ -3,11 +3,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raycluster.config import FeaturesConfig, load_config
+from training.config import FeaturesConfig, load_config
 from training.data import SPLIT, Splitter, earlier_counts
 from training.features import FIRST, LABEL, OOV, PAD, DataError, Preprocessor, label_values
 
-from .conftest import SMALL_FEATURES, small_table
+from tests.helpers import SMALL_FEATURES, small_table
 
 
 def _pp() -> Preprocessor:

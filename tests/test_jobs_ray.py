@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from serving.client import predict
-from tests.conftest import ray_head
+from tests.helpers import ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raycluster.config import ModelConfig
+from training.config import ModelConfig
 from training.models import (MODELS, CrossNetV2, DLRM, DotInteraction, FieldEmbedding, FieldSpec, FMInteraction,
                              LogReg, build_model, model_arch, model_from_arch)
 

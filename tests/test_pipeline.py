@@ -1,7 +1,7 @@
 """Pipeline pieces that need no cluster: the deploy gate and stage skipping by fingerprint."""
 import pytest
 
-from raycluster.config import load_config
+from training.config import load_config
 from raycluster.pipeline import GateError, Stages, gate
 
 

@@ -20,9 +20,9 @@ from raycluster.cli import main
 from serving.auth import ApiKeyGuard
 from serving.schema import RequestError
 
-from .conftest import SMALL_FEATURES, _free_port, make_bundle, small_table
+from tests.helpers import API_KEY_ENV, SMALL_FEATURES, free_port as _free_port, untrained_bundle as make_bundle, small_table
 
-KEY_ENV = "RANKRAY_SECURITY_TEST_API_KEY"
+KEY_ENV = API_KEY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_CALLS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput")}
@@ -122,7 +122,7 @@ def test_nothing_that_loads_models_or_data_can_unpickle():
             if hits:
                 found[str(p.relative_to(ROOT))] = hits
     assert found == {}, found
-    from raycluster import config
+    from training import config
 
     assert issubclass(config._Loader, yaml.SafeLoader)  # the one yaml.load uses a SafeLoader
     with pytest.raises(yaml.constructor.ConstructorError):
@@ -138,9 +138,10 @@ def test_local_ray_from_ensure_ray_requires_the_token(tmp_path):
     script = textwrap.dedent(f"""
         import json, os, urllib.request, urllib.error
         import raycluster
+        raycluster.use_token_auth()
         mode = os.environ.get("RAY_AUTH_MODE")
         import ray
-        from raycluster.config import load_config
+        from training.config import load_config
         from raycluster.rayinit import ensure_ray
         cfg = load_config(raw={{"data": {{"source": "x"}}, "features": {SMALL_FEATURES!r},
                                "ray": {{"num_cpus": 1, "dashboard_port": {port}}}}})
@@ -171,7 +172,7 @@ def test_local_ray_from_ensure_ray_requires_the_token(tmp_path):
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = json.loads(line[0][len("RESULT "):])
-    assert out["mode"] == "token"  # set by importing raycluster, before ray is imported
+    assert out["mode"] == "token"  # set by use_token_auth(), as every entry point does before ray is imported
     assert out["url"] == f"http://127.0.0.1:{port}"  # the dashboard on loopback only
     assert out["none"] == 401 and out["wrong"] in (401, 403) and out["right"] == 200, out  # 403: wrong token
 
@@ -236,34 +237,23 @@ def _session_files() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory, request):
-    """A real Serve app of a real bundle with `serve.api_key_env`: the key is in the environment of
-    the Ray that runs the replicas (set before this module's Ray starts, as in production), never in
-    a config or deployment argument."""
-    import secrets
-
+def guarded(tmp_path_factory, serve_url):
+    """A real Serve app of a real bundle with `serve.api_key_env`: the key is in the environment of the
+    Ray that runs the replicas (set before the shared Ray started, as in production), never in a config
+    or deployment argument."""
     import httpx
-    import ray
     from ray import serve
 
-    from raycluster.config import ServeConfig
     from serving.app import build_app
     from training.bundle import load_bundle
+    from training.config import ServeConfig
 
-    assert not ray.is_initialized(), "the key must be set before this module's Ray starts"
-    key = secrets.token_urlsafe(24)
-    env = pytest.MonkeyPatch()
-    env.setenv(KEY_ENV, key)
-    request.getfixturevalue("ray_local")
     bundle = make_bundle(str(tmp_path_factory.mktemp("security") / "model"))
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(bundle, ServeConfig(api_key_env=KEY_ENV), num_cpus=0.5), name="guarded",
-              route_prefix="/guarded")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        yield {"http": http, "key": key, "rows": load_bundle(bundle)[2]["samples"]["rows"]}
-    serve.shutdown()
-    env.undo()
+    serve.run(build_app(bundle, ServeConfig(api_key_env=KEY_ENV), num_cpus=0.5), name="secured",
+              route_prefix="/secured")
+    with httpx.Client(base_url=f"{serve_url}/secured", timeout=60) as http:
+        yield {"http": http, "key": os.environ[KEY_ENV], "rows": load_bundle(bundle)[2]["samples"]["rows"]}
+    serve.delete("secured")
 
 
 def test_api_key_never_reaches_the_logs(guarded):
@@ -278,12 +268,12 @@ def test_api_key_never_reaches_the_logs(guarded):
     for auth, status in ((None, 401), (f"Bearer {wrong}", 401), (f"Bearer {key}", 200), (key, 401),
                          (f"Bearer {key[:-1]}", 401), (f"Bearer {key}", 200)):
         headers = {"Authorization": auth} if auth else {}
-        r = http.post("/guarded/predict", json=body, headers=headers)
+        r = http.post("/predict", json=body, headers=headers)
         assert r.status_code == status, (auth is not None, r.status_code, r.text)
         assert key not in r.text and key not in str(r.headers)
         request_ids.append(r.headers["x-request-id"])
     assert key not in str(serve.status())  # what `serve status` and the dashboard show
-    info = http.get("/guarded/model", headers={"Authorization": f"Bearer {key}"}).json()
+    info = http.get("/model", headers={"Authorization": f"Bearer {key}"}).json()
     assert info["auth"] is True and key not in json.dumps(info)
     deadline = time.time() + 60
     while True:  # every request is in the access logs: the logs are written, and these are the ones scanned

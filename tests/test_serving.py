@@ -2,8 +2,8 @@
 backpressure, health. The bundle is untrained (scores are what they are; parity is what is tested)."""
 import hashlib
 import json
+import os
 import pathlib
-import secrets
 import shutil
 
 import httpx
@@ -15,18 +15,19 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from raycluster.cli import build_parser, cmd_serve
-from raycluster.config import ServeConfig
+from training.config import ServeConfig
 from serving import client
 from serving.app import Ranker, app_builder, build_app
-from serving.core import Scorer
+from serving.core import ServedModel
 from serving.schema import RequestError, Schema
 from training import synth
-from training.bundle import BundleError, load_bundle, score_rows
+from training.bundle import BundleError, load_bundle
+from training.scoring import score_rows
 from training.features import DataError
 
-from tests.conftest import _free_port, burst_codes, make_bundle
+from tests.helpers import API_KEY_ENV, burst_codes, untrained_bundle as make_bundle
 
-KEY_ENV = "RANKRAY_TEST_API_KEY"
+KEY_ENV = API_KEY_ENV
 CONTEXT = ("user_id", "user_country", "user_skills", "hourly_rate", "tier", "hour", "device")
 
 
@@ -60,22 +61,17 @@ def rows() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(bundle: str, request: pytest.FixtureRequest):
-    """Two apps on one Serve: `/` open; `/guarded` with an API key and a one-request queue."""
-    key = secrets.token_urlsafe(24)
-    env = pytest.MonkeyPatch()
-    env.setenv(KEY_ENV, key)  # before Ray starts: replicas inherit the environment, as in production
-    request.getfixturevalue("ray_local")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def server(bundle: str, serve_url: str):
+    """Two apps on the shared Serve: `/` open; `/guarded` with an API key (in the environment the replicas
+    inherited) and a one-request queue."""
     serve.run(build_app(bundle, ServeConfig(max_candidates=64, max_body_bytes=100_000), num_cpus=0.5),
               name="rankray", route_prefix="/")
     tight = ServeConfig(api_key_env=KEY_ENV, max_ongoing_requests=1, max_queued_requests=1, max_batch_size=1)
     serve.run(build_app(bundle, tight, num_cpus=0.5), name="guarded", route_prefix="/guarded")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        yield {"url": f"http://127.0.0.1:{port}", "http": http, "key": key}
-    serve.shutdown()
-    env.undo()
+    with httpx.Client(base_url=serve_url, timeout=60) as http:
+        yield {"url": serve_url, "http": http, "key": os.environ[KEY_ENV]}
+    serve.delete("rankray")
+    serve.delete("guarded")
 
 
 def _rank_body(rows: list[dict], n: int = 40, start: int = 0) -> dict:
@@ -226,7 +222,7 @@ def test_healthz_model_and_docs(server, offline, rows):
 def test_bundle_failing_its_self_check_never_serves(server, bundle, tmp_path):
     bad = _tampered(bundle, str(tmp_path / "bad"))
     with pytest.raises(BundleError, match="samples.json: model scores differ"):
-        Scorer(bad, torch_threads=None)
+        ServedModel(bad, torch_threads=None)
     with pytest.raises(RuntimeError, match="broken failed"):  # the replica's constructor raises
         serve.run(Ranker.options(max_constructor_retry_count=1, ray_actor_options={"num_cpus": 0.1})
                   .bind(bad, {}), name="broken", route_prefix="/broken")
@@ -237,7 +233,7 @@ def test_bundle_failing_its_self_check_never_serves(server, bundle, tmp_path):
 
 
 def test_data_error_fails_only_its_own_request(bundle, rows):
-    scorer = Scorer(bundle, torch_threads=None)  # leave this process's torch threads alone
+    scorer = ServedModel(bundle, torch_threads=None)  # leave this process's torch threads alone
     transform = scorer.pp.transform
 
     def picky(batch):

@@ -1,6 +1,7 @@
 """Ray Tune + Optuna + ASHA on a real local Ray: search, early stop, winner bundle, kill-and-resume, and
 a bad search space refused before any trial runs. One-worker trials run the loop in the trial's process;
-several-worker trials fit a TorchTrainer each."""
+several-worker trials fit a TorchTrainer each. The shared Ray runs the dashboard (127.0.0.1): Ray Train's
+clean-up of ASHA-stopped trials asks its state API."""
 import json
 import os
 import signal
@@ -15,8 +16,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from raycluster.config import ConfigError, load_config
-from tests.conftest import ray_head
+from training.config import ConfigError, load_config
 from training import synth
 from training.bundle import load_bundle
 from tune.search import run_search
@@ -26,16 +26,6 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 SPACE = {"train.lr": {"loguniform": [0.00001, 0.02]}, "model.embedding_dim": {"int": [4, 12]},
          "model.mlp": {"choice": [[64, 32], [16]]}}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """This module's Ray runs the dashboard (127.0.0.1): Ray Train's cleaner of ASHA-stopped trials asks
-    the dashboard's state API."""
-    with ray_head() as head:
-        ray.init(address=head["gcs"], log_to_driver=False)
-        yield
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +93,18 @@ def test_search_stops_weak_trials_and_exports_the_best_valid_trial(gen_dir, tmp_
     assert all(r["epochs_run"] < cfg.train.epochs for r in stopped)
     best = max(table, key=lambda r: r["best_valid_auc"])
     assert res.winner["trial_id"] == best["trial"]
-    # the bundle holds the winner's best weights: its test AUC is the one the trial measured
+    # the bundle holds the winner's best weights, scored on test once; the trials never saw test
     pp, model, meta = load_bundle(res.bundle)
     assert meta["info"]["trial_id"] == best["trial"]
     assert meta["info"]["params"] == {k: best[k] for k in SPACE}
     assert meta["config"].train.lr == pytest.approx(best["train.lr"])
     assert meta["config"].model.embedding_dim == best["model.embedding_dim"]
-    assert meta["metrics"]["test_auc"] == pytest.approx(best["test_auc"], abs=1e-6)
+    assert meta["metrics"]["best_valid_auc"] == pytest.approx(best["best_valid_auc"], abs=1e-9)
+    assert meta["metrics"]["test_passes"] == 1 and 0.5 < meta["metrics"]["test_auc"] < 1
     assert meta["info"]["test_metrics"]["test_auc"] == meta["metrics"]["test_auc"]
+    assert "test_auc" not in table[0]
+    assert not [k for ls in _result_lines(tmp_path / "runs" / "s" / "tune" / "search").values()
+                for x in ls for k in x if k.startswith("test_")]
     # results table saved as CSV and HTML (with charts)
     csv_text = Path(res.results_csv).read_text()
     assert csv_text.splitlines()[0].startswith("trial,train.lr,model.embedding_dim,model.mlp,best_valid_auc")

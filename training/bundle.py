@@ -20,10 +20,11 @@ from safetensors.torch import load as tensors_from_bytes
 from safetensors.torch import save as tensors_to_bytes
 import torch
 
-from raycluster.config import Config, dump_config, load_config, parse_yaml
+from training.config import Config, dump_config, load_config, parse_yaml
 from training import storage
 from training.features import Preprocessor
 from training.models import model_from_arch
+from training.scoring import score_rows, unwrap
 from training.storage import S3Options
 
 FORMAT = "rankray.bundle/1"
@@ -47,29 +48,6 @@ def _dumps(obj: Any, what: str) -> bytes:
         return json.dumps(obj, default=_jsonable, indent=1).encode()
     except TypeError as e:
         raise BundleError(f"{what}: {e}") from None
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP (Ray Train's prepare_model) prefixes every key with "module."; the bundle stores the bare model.
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def score_rows(pp: Preprocessor, model: torch.nn.Module, rows: list[dict[str, Any]]) -> np.ndarray:
-    """Click probabilities (float64) for raw rows, through the same transform serving uses."""
-    if not rows:
-        return np.zeros(0, np.float64)
-    model = _unwrap(model)
-    batch = {c: [r.get(c) for r in rows] for c in pp.input_columns}
-    x_cat, x_num = pp.pack(pp.transform(batch))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(torch.from_numpy(x_cat).to(device), torch.from_numpy(x_num).to(device))
-    finally:
-        model.train(was_training)
-    return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64)
 
 
 def _file_names(path: str, s3: S3Options | None) -> list[str] | None:
@@ -97,7 +75,7 @@ def save_bundle(path: str, cfg: Config, pp: Preprocessor, model: torch.nn.Module
                 report_html: str | None = None, s3: S3Options | None = None) -> str:
     """Write a bundle atomically (replacing any bundle at `path`) and return its version string."""
     path = path.rstrip("/")
-    model = _unwrap(model)
+    model = unwrap(model)
     info = dict(info or {})
     # Score the rows after a JSON round trip, so the recorded scores are for exactly what a reader sees.
     rows = json.loads(_dumps(list(samples), "samples.json"))

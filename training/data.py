@@ -6,6 +6,7 @@ import contextlib
 import posixpath
 import re
 from collections.abc import Iterator
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raycluster.config import Config, MultiHotFeature, NumericFeature
+from training.config import Config, MultiHotFeature, NumericFeature
 from training import storage
 from training.features import HASH_KEY as _KEY
 from training.features import DataError, stable_hash
@@ -54,8 +55,21 @@ def read_source(path: str, cfg: Config) -> ray.data.Dataset:
     fmt = _format(files, cfg.data.format, path)
     if fmt == "parquet":
         check_parquet_files(files, fs, path)
+        # the default (v2) reader: its read errors name the file (`read_errors`); the faster v1 reader's do not
         return ray.data.read_parquet(files, filesystem=fs, file_extensions=None)
     return ray.data.read_csv(files, filesystem=fs)
+
+
+def read_parquet_files(files: list[str], fs: Any, **kw: Any) -> ray.data.Dataset:
+    """Listed Parquet files (rankray's own encoded shards) with Ray Data's file-based (v1) reader: it starts
+    reading in ~0.15 s where the default (v2) reader lists the files again for 1-4 s, and a streamed split
+    pays that start every epoch and every evaluation."""
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, filesystem=fs, file_extensions=None, **kw)
+    finally:
+        ctx.use_datasource_v2 = v2
 
 
 def _shown(f: str, path: str) -> str:

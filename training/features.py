@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raycluster.config import CategoricalFeature, FeaturesConfig, MultiHotFeature, NumericFeature
+from training.config import CategoricalFeature, FeaturesConfig, MultiHotFeature, NumericFeature
 
 PAD, OOV, FIRST = 0, 1, 2
 LABEL, GROUP, ORACLE = "__label__", "__group__", "__oracle__"
@@ -38,6 +38,8 @@ def as_arrow(values: Any, name: str) -> pa.Array:
     if isinstance(values, pa.Array):
         return values
     try:
+        if isinstance(values, (list, tuple)):  # numpy would make equal-length lists a 2-D array
+            return pa.array(values, from_pandas=True)
         arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
         if arr.dtype == object:
             return pa.array(list(arr) if arr.ndim else [arr.item()], from_pandas=True)
@@ -56,6 +58,12 @@ def _regex_extract(arr: pa.Array, pattern: str) -> pa.Array:
         m = rx.search(v) if v is not None else None
         found.append(m.group(1) if m and m.groups() else (m.group(0) if m else None))
     return pc.take(pa.array(found, pa.string()), pc.index_in(strings, value_set=uniq))
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.to_numpy() if isinstance(values, pa.ChunkedArray) else values.to_numpy(zero_copy_only=False)
+    return np.asarray(values)
 
 
 def raw_values(spec: Any, batch: Mapping[str, Any]) -> pa.Array:
@@ -187,14 +195,16 @@ class Preprocessor:
             idx = np.where(nulls, OOV, idx)
         return idx.astype(np.int32)
 
+    def standardize(self, f: NumericFeature, x: np.ndarray) -> np.ndarray:
+        """Raw numbers (float64; nan/inf = missing) -> the model's units: filled, transformed, z-scored."""
+        x = numeric_transform(np.where(np.isfinite(x), x, np.nan), f.transform)
+        return (np.where(np.isnan(x), self.fill[f.name], x) - self.mean[f.name]) / self.std[f.name]
+
     def encode_feature(self, f: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arr = raw_values(f, batch)
         if isinstance(f, NumericFeature):
             x = arr.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
-            x = np.where(np.isfinite(x), x, np.nan)
-            x = numeric_transform(x, f.transform)
-            x = np.where(np.isnan(x), self.fill[f.name], x)
-            return {f.name: ((x - self.mean[f.name]) / self.std[f.name]).astype(np.float32)}
+            return {f.name: self.standardize(f, x).astype(np.float32)}
         if isinstance(f, CategoricalFeature):
             return {f.name: self._lookup(f, arr)}
         lists = arr.fill_null(pa.scalar([], arr.type)) if arr.null_count else arr
@@ -222,12 +232,14 @@ class Preprocessor:
             out[ORACLE] = as_arrow(batch[self.spec.oracle], self.spec.oracle).to_numpy(zero_copy_only=False).astype(np.float32)
         return out
 
-    def pack(self, enc: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Encoded columns -> (x_cat int32 [B, S], x_num float32 [B, N]) in the model's slot order."""
-        n = len(next(iter(enc.values())))
-        cat = np.stack([enc[c] for c in self.cat_columns], axis=1) if self.cat_columns else np.zeros((n, 0), np.int32)
-        num = np.stack([enc[c] for c in self.num_columns], axis=1) if self.num_columns else np.zeros((n, 0), np.float32)
-        return cat, num
+    def pack(self, enc: Mapping[str, Any] | pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded columns (numpy, or Arrow as read from the encoded shards) -> (x_cat int32 [B, S],
+        x_num float32 [B, N]) in the model's slot order."""
+        cat = [_numpy(enc[c]) for c in self.cat_columns]
+        num = [_numpy(enc[c]) for c in self.num_columns]
+        n = len(cat[0]) if cat else len(num[0]) if num else 0
+        return (np.stack(cat, axis=1) if cat else np.zeros((n, 0), np.int32),
+                np.stack(num, axis=1) if num else np.zeros((n, 0), np.float32))
 
     # ----- plain-file persistence (JSON; vocab values keep their Arrow type)
     def to_json(self) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raycluster.config import ModelConfig
+from training.config import ModelConfig
 
 ARCH_VERSION = 1
 

@@ -2,7 +2,6 @@
 preprocessor; one map_batches pass encodes every split into cached Parquet shards."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -16,8 +15,8 @@ import pyarrow.compute as pc
 import ray.data
 from ray.data.aggregate import Max, Min, Sum
 
-from raycluster.config import CategoricalFeature, Config, MultiHotFeature, NumericFeature
-from training import storage
+from training.config import CategoricalFeature, Config, MultiHotFeature, NumericFeature, fingerprint
+from training import console, storage, synth
 from training.data import (
     LABEL_NULL,
     SPLIT,
@@ -29,10 +28,9 @@ from training.data import (
     usable_rows,
 )
 from training.features import DataError, Preprocessor, numeric_transform, raw_values
+from training.cache import cached, content_key
 
-MATERIALIZE_FRACTION = 0.25  # of the free object store: leave room for Ray Data's own blocks
 ENCODED_FILE_BATCHES = 32  # encoded Parquet files hold at most this many data.batch_size batches
-ENCODER_BATCHES = 16  # data.batch_size batches per Encoder actor
 ENCODED_LAYOUT = 2  # in the fingerprint: data encoded with an older file layout is prepared again
 NULL = "\u2400null"  # no NUL byte: numpy->Arrow string conversion stops at one
 _LABEL = "\u2400label"
@@ -138,6 +136,8 @@ def compute_stats(ds: ray.data.Dataset, cfg: Config) -> Stats:
     if frame.empty:  # no rows at all: an empty frame has no columns either
         frame = pd.DataFrame({c: pd.Series(dtype=object if c in ("feature", "value") else float)
                               for c in ("split", "feature", "value") + _STAT_COLS})
+    # partitions whose min/max are all null come back as objects with pd.NA: numbers, with NaN, throughout
+    frame[list(_STAT_COLS)] = frame[list(_STAT_COLS)].apply(pd.to_numeric, errors="coerce")
     stats = Stats(frame)
     _validate_labels(stats, cfg)
     return stats
@@ -245,28 +245,23 @@ def format_profile(p: dict) -> str:
     return "\n".join(lines)
 
 
-class Encoder:
-    """Ray Data UDF: raw joined batch -> encoded columns + split name, via the preprocessor."""
-
-    def __init__(self, pp_json: str) -> None:
-        self.pp = Preprocessor.from_json(pp_json)
-
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        out = self.pp.transform({c: table.column(c) for c in table.column_names})
-        out["split"] = np.asarray(SPLIT_NAMES)[table.column(SPLIT).to_numpy()]
-        return out
+def encode_batch(table: pa.Table, key: str, pp_json: str) -> dict[str, np.ndarray]:
+    """Ray Data UDF: raw joined batch -> encoded columns + split name, via the preprocessor (`key`: its
+    content key, so each worker process parses it once)."""
+    pp = cached(key, lambda: Preprocessor.from_json(pp_json))
+    out = pp.transform({c: table.column(c) for c in table.column_names})
+    out["split"] = np.asarray(SPLIT_NAMES)[table.column(SPLIT).to_numpy()]
+    return out
 
 
-def encode(ds: ray.data.Dataset, pp: Preprocessor, out_dir: str, cfg: Config, rows: int | None = None) -> None:
-    """Encode once and cache: `out_dir/split=train|valid|test/*.parquet` (int32 slots, float32 numerics).
-    With `rows` known, the Encoder pool grows by one actor per ENCODER_BATCHES batches (up to 8): an actor
-    costs seconds to start and encodes a batch in a fraction of one, so small data keeps one."""
+def encode(ds: ray.data.Dataset, pp: Preprocessor, out_dir: str, cfg: Config) -> None:
+    """Encode once and cache: `out_dir/split=train|valid|test/*.parquet` (int32 slots, float32 numerics)."""
     s3 = s3_options(cfg)
     storage.delete_dir(out_dir, s3)
     fs, inner = storage.filesystem(out_dir, s3)
-    most = 8 if rows is None else min(8, max(1, -(-rows // (cfg.data.batch_size * ENCODER_BATCHES))))
-    enc = ds.map_batches(Encoder, fn_constructor_args=(pp.to_json(),), batch_format="pyarrow",
-                         batch_size=cfg.data.batch_size, concurrency=(1, most))
+    pp_json = pp.to_json()
+    enc = ds.map_batches(encode_batch, fn_args=(content_key(pp_json), pp_json), batch_format="pyarrow",
+                         batch_size=cfg.data.batch_size)
     # Bounded files (not one file per split): streamed epochs read them in parallel tasks, blocks
     # stay small in workers, and the training reader can take the files in a new order each epoch.
     with read_errors():
@@ -297,77 +292,43 @@ def _samples(ds: ray.data.Dataset, cfg: Config, n: int = 8) -> list[dict]:
             for r in rows]
 
 
-def fingerprint(cfg: Config) -> str:
-    """What the prepared data depends on: the data and features sections."""
-    data = cfg.data.model_dump(mode="json", exclude={"materialize", "batch_size"})  # no effect on the output
-    blob = json.dumps({"data": data, "features": cfg.features.model_dump(mode="json"),
-                       "layout": ENCODED_LAYOUT}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def data_fingerprint(cfg: Config) -> str:
+    """What the prepared data depends on: the data (not how it is batched or kept) and features sections."""
+    return fingerprint(cfg, {"data": ("materialize", "batch_size"), "features": ()}, extra={"layout": ENCODED_LAYOUT})
 
 
 def ensure_data(cfg: Config) -> None:
     """Generate the configured synthetic dataset when `data.generate` is set and the source is missing."""
-    from training import synth
-
     g = cfg.data.generate
     if g is None or storage.exists(cfg.data.source, s3_options(cfg)):
         return
-    print(f"== generating {g.rows:,} synthetic rows into {cfg.data.source}", flush=True)
-    info = synth.generate(g.rows, cfg.data.source, seed=g.seed, shards=g.shards, s3=s3_options(cfg))
-    print(f"   {info['rows']:,} rows in {info['seconds']:.1f} s, base rate {info['base_rate']:.4f}, "
-          f"Bayes AUC (test) {info['bayes_auc_test']:.4f}", flush=True)
+    with console.step(f"generate {g.rows:,} synthetic rows into {cfg.data.source}") as st:
+        info = synth.generate(g.rows, cfg.data.source, seed=g.seed, shards=g.shards, s3=s3_options(cfg))
+        st["done"] = f"base rate {info['base_rate']:.4f}, Bayes AUC (test) {info['bayes_auc_test']:.4f}"
+
+
+def prepared(cfg: Config) -> dict | None:
+    """The prepared data of this config when it is complete and its data/features sections are unchanged."""
+    s3 = s3_options(cfg)
+    base = storage.join(cfg.run_dir, "data")
+    fp_path = storage.join(base, "fingerprint.txt")
+    if not (storage.exists(fp_path, s3) and storage.read_text(fp_path, s3) == data_fingerprint(cfg)):
+        return None
+    return {"dir": base, "encoded": storage.join(base, "encoded"),
+            "preprocessor": Preprocessor.from_json(storage.read_text(storage.join(base, "preprocessor.json"), s3)),
+            "profile": json.loads(storage.read_text(storage.join(base, "profile.json"), s3)),
+            "samples": json.loads(storage.read_text(storage.join(base, "samples.json"), s3)), "reused": True}
 
 
 def ensure_prepared(cfg: Config, force: bool = False) -> dict:
     """Prepared data for this config: reused when the data/features sections are unchanged."""
-    s3 = s3_options(cfg)
-    base = storage.join(cfg.run_dir, "data")
-    fp_path = storage.join(base, "fingerprint.txt")
-    if not force and storage.exists(fp_path, s3) and storage.read_text(fp_path, s3) == fingerprint(cfg):
-        return {"dir": base, "encoded": storage.join(base, "encoded"),
-                "preprocessor": Preprocessor.from_json(storage.read_text(storage.join(base, "preprocessor.json"), s3)),
-                "profile": json.loads(storage.read_text(storage.join(base, "profile.json"), s3)),
-                "samples": json.loads(storage.read_text(storage.join(base, "samples.json"), s3)), "reused": True}
+    if not force and (done := prepared(cfg)):
+        return done
     ensure_data(cfg)
+    base = storage.join(cfg.run_dir, "data")
     res = prepare(cfg, base)
-    storage.write_text(fp_path, fingerprint(cfg), s3)  # last: marks the prepared data complete
+    storage.write_text(storage.join(base, "fingerprint.txt"), data_fingerprint(cfg), s3_options(cfg))  # last: complete
     return {**res, "reused": False}
-
-
-def encoded_datasets(encoded_dir: str, cfg: Config, prep: dict | None = None) -> dict[str, ray.data.Dataset]:
-    """The cached encoded splits: materialized in the object store when they fit (`data.materialize`),
-    so every epoch after the first reads shared memory instead of Parquet; streamed otherwise.
-
-    Read with Ray Data's file-based (v1) Parquet reader: it starts in ~0.15 s where the default (v2)
-    reader spends 1-4 s listing files, and a streamed split pays that start every epoch and every
-    evaluation. One block per file (bounded by `encode`): the reader's default of ~200 small blocks
-    costs a train worker a round trip per block. The train split comes in a new seeded file
-    (streamed) or block (materialized) order each epoch, on top of the loop's local shuffle."""
-    s3 = s3_options(cfg)
-    fs, _ = storage.filesystem(encoded_dir, s3)
-    seed = cfg.train.seed
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        out = {}
-        for name in SPLIT_NAMES:
-            files = storage.list_files(storage.join(encoded_dir, f"split={name}"), s3)
-            out[name] = ray.data.read_parquet(files, filesystem=fs, partitioning=None, override_num_blocks=len(files),
-                                              shuffle=ray.data.FileShuffleConfig(seed) if name == "train" else None)
-    finally:
-        ctx.use_datasource_v2 = v2
-    if prep is not None and _materialize(cfg, prep):
-        out = {k: v.materialize() for k, v in out.items()}
-        out["train"] = out["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(seed))
-    return out
-
-
-def _materialize(cfg: Config, prep: dict) -> bool:
-    if cfg.data.materialize != "auto":
-        return bool(cfg.data.materialize)
-    pp = prep["preprocessor"]
-    est = prep["profile"]["rows"] * (len(pp.cat_columns) + len(pp.num_columns) + 3) * 4
-    return est < MATERIALIZE_FRACTION * ray.available_resources().get("object_store_memory", 0)
 
 
 def prepare(cfg: Config, out_dir: str | None = None) -> dict:
@@ -376,21 +337,27 @@ def prepare(cfg: Config, out_dir: str | None = None) -> dict:
     s3 = s3_options(cfg)
     base = out_dir or storage.join(cfg.run_dir, "data")
     t0 = time.time()
-    ds, schema = split_dataset(cfg)
-    stats = compute_stats(ds, cfg)
-    pp = fit_preprocessor(stats, cfg, schema)
-    prof = profile(stats, cfg)
+    with console.step("read, split, profile and fit") as st:
+        ds, schema = split_dataset(cfg)
+        stats = compute_stats(ds, cfg)
+        pp = fit_preprocessor(stats, cfg, schema)
+        prof = profile(stats, cfg)
+        st["done"] = (f"{prof['rows']:,} rows ("
+                      + ", ".join(f"{k} {prof['rows_by_split'].get(k, 0):,}" for k in SPLIT_NAMES)
+                      + f"), label rate {prof['label_rate']:.3f}, {len(cfg.features.features)} features")
     if cfg.data.bad_rows == "quarantine":
         qdir = storage.join(base, "quarantine")
         storage.delete_dir(qdir, s3)
         if prof["quarantined_rows"]:
             quarantine(ds, qdir, cfg)
             prof["quarantine"] = qdir
-            print(f"   quarantined {prof['quarantined_rows']:,} rows with a null or non-0/1 label "
-                  f"({cfg.features.label!r}) into {qdir}", flush=True)
+            console.say(f"quarantined {prof['quarantined_rows']:,} rows with a null or non-0/1 label "
+                        f"({cfg.features.label!r}) into {qdir}")
         ds = usable_rows(ds, cfg)
     t1 = time.time()
-    encode(ds, pp, storage.join(base, "encoded"), cfg, rows=prof["rows"])
+    with console.step("encode") as st:
+        encode(ds, pp, storage.join(base, "encoded"), cfg)
+        st["done"] = f"{prof['rows']:,} rows ({prof['rows'] / max(time.time() - t1, 1e-9):,.0f} rows/s)"
     t2 = time.time()
     storage.write_text(storage.join(base, "preprocessor.json"), pp.to_json(), s3)
     storage.write_text(storage.join(base, "profile.json"), json.dumps(prof, indent=2), s3)

@@ -106,8 +106,10 @@ def _frame(title: str, xlabel: str, ylabel: str, width: int, height: int, xl: Li
 
 def svg_line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str,
                    ylabel: str, width: int = 480, height: int = 320, diagonal: bool = False,
-                   xlim: Lim | None = None, ylim: Lim | None = None, markers: bool | None = None) -> str:
-    """One polyline per series; non-finite points are dropped. markers=None: dots if <= 30 points."""
+                   xlim: Lim | None = None, ylim: Lim | None = None, markers: bool | None = None,
+                   lines: bool = True) -> str:
+    """One polyline per series (`lines=False`: a scatter of its points); non-finite points are dropped.
+    markers=None: dots if <= 30 points."""
     clean = {str(k): [(float(x), float(y)) for x, y in zip(xs, ys)
                       if math.isfinite(float(x)) and math.isfinite(float(y))]
              for k, (xs, ys) in series.items()}
@@ -120,12 +122,13 @@ def svg_line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
                    'stroke="#888" stroke-dasharray="4 3"/>')
     for i, (name, pts) in enumerate(clean.items()):
         color = _COLORS[i % 8]
-        if pts:
+        if pts and lines:
             xy = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
             out.append(f'<polyline points="{xy}" fill="none" stroke="{color}" stroke-width="1.8">'
                        f"<title>{_e(name)}</title></polyline>")
-        if markers or (markers is None and len(pts) <= 30):
-            out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts)
+        if markers or not lines or (markers is None and len(pts) <= 30):
+            r = 2.5 if lines else 4
+            out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{r}" fill="{color}"/>' for x, y in pts)
     return "\n".join(out + ["</svg>"])
 
 

@@ -253,31 +253,3 @@ def generate(rows: int, out: str, seed: int = 0, shards: int = 8, s3: S3Options 
         "seconds": seconds,
         "rows_per_s": rows / seconds,
     }
-
-
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-
-
-def untrained_bundle(path: str, seed: int = 0, config: str = DEMO_CONFIG) -> str:
-    """A serving bundle of the demo spec without training or Ray: the preprocessor fitted by training's own
-    code on 20k synthetic rows, random weights drawn with `seed` (another seed: another model and version).
-    For serving tests and benchmarks, whose speed does not depend on the weights."""
-    import torch
-
-    from raycluster.config import load_config
-    from training.bundle import save_bundle
-    from training.data import SPLIT
-    from training.evaluate import fields_of
-    from training.models import build_model, model_arch
-    from training.prepare import PartialStats, Stats, fit_preprocessor
-
-    cfg = load_config(config, ["data.generate=null"])
-    table = generate_shard(20_000, 0, 0, 1)
-    table = table.append_column(SPLIT, pa.array(np.zeros(len(table), np.int8)))
-    pp = fit_preprocessor(Stats(PartialStats(cfg)(table).to_pandas()), cfg, table.schema)
-    torch.manual_seed(seed)
-    fields = fields_of(pp)
-    model = build_model(cfg.model, fields, len(pp.num_columns))
-    save_bundle(path, cfg, pp, model, model_arch(cfg.model, fields, len(pp.num_columns)),
-                metrics={"test_auc": 0.5}, samples=table.select(pp.input_columns).slice(0, 8).to_pylist())
-    return path

@@ -1,4 +1,5 @@
-"""The training driver: config -> prepared data -> TorchTrainer.fit() -> model bundle + report."""
+"""The training driver: config -> prepared data -> TorchTrainer.fit() -> the best weights scored on test
+once (from the encoded split) -> model bundle + report."""
 from __future__ import annotations
 
 import json
@@ -7,48 +8,34 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import ray.data
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file
 
-from raycluster.config import Config, ConfigError
-from training import storage
+from training import console, storage
 from training.bundle import save_bundle
+from training.checkpoint import best_weights
+from training.config import Config
 from training.data import s3_options
-from training.evaluate import evaluate_model, fields_of
+from training.evaluate import evaluate_encoded, passes
 from training.features import Preprocessor
-from training.loop import resolve_device, train_loop
+from training.loop import Plan, train_loop
 from training.models import model_arch, model_from_arch
-from training.prepare import encoded_datasets, ensure_prepared
+from training.prepare import ensure_prepared
+from training.reader import encoded_datasets
+from training.resources import check_resources, resolve_device
+from training.scoring import fields_of
+
+FIT_SPLITS = ("train", "valid")  # what a Train run or a trial reads; test is scored once, by the driver
 
 
 @dataclass
 class TrainResult:
-    metrics: dict[str, Any]  # final report: test metrics, best valid AUC, epochs run, history
+    metrics: dict[str, Any]  # final report + test metrics: best valid AUC, epochs run, history, test_*
     bundle: str | None
     run_name: str
     seconds: float
-
-
-def check_resources(cfg: Config, use_gpu: bool, trials: int = 1) -> None:
-    """Fail before starting when `trials` concurrent Train runs would leave Ray Data no CPU: that hangs
-    silently."""
-    t = cfg.train
-    total = ray.cluster_resources().get("CPU", 0)
-    need = trials * t.num_workers * t.cpus_per_worker + t.data_cpus
-    runs = f"tune.max_concurrent_trials ({trials}) x " if trials > 1 else ""
-    if need > total + 1e-9:
-        raise ConfigError(
-            f"{runs}train.num_workers ({t.num_workers}) x train.cpus_per_worker ({t.cpus_per_worker}) + "
-            f"train.data_cpus ({t.data_cpus}) = {need:g} CPUs, but the cluster has {total:g}: lower "
-            f"{'max_concurrent_trials, ' if trials > 1 else ''}train.cpus_per_worker (fractions are fine) or "
-            "num_workers, or add nodes")
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < trials * t.num_workers:
-        raise ConfigError(f"train.use_gpu is on but the cluster has fewer GPUs than {runs}train.num_workers "
-                          f"({trials * t.num_workers})")
 
 
 def storage_location(path: str, cfg: Config) -> tuple[str, Any]:
@@ -59,9 +46,9 @@ def storage_location(path: str, cfg: Config) -> tuple[str, Any]:
     return os.path.abspath(path), None
 
 
-def loop_config(cfg: Config, pp_json: str, train_rows: int) -> dict[str, Any]:
+def loop_config(cfg: Config, pp_json: str, train_rows: int, board: Any = None) -> dict[str, Any]:
     """What the training loop is given (`training.loop.run_loop`); the preprocessor as its JSON."""
-    return {"cfg": cfg.model_dump(mode="json"), "pp": pp_json, "train_rows": train_rows}
+    return {"cfg": cfg.model_dump(mode="json"), "pp": pp_json, "train_rows": train_rows, "board": board}
 
 
 def quiet(datasets: dict[str, ray.data.Dataset]) -> None:
@@ -72,7 +59,7 @@ def quiet(datasets: dict[str, ray.data.Dataset]) -> None:
 
 
 def make_trainer(cfg: Config, pp: Preprocessor, datasets: dict[str, ray.data.Dataset], run_name: str,
-                 train_rows: int, callbacks: list | None = None) -> TorchTrainer:
+                 train_rows: int, callbacks: list | None = None, board: Any = None) -> TorchTrainer:
     use_gpu, _ = resolve_device(cfg)
     check_resources(cfg, use_gpu)
     quiet(datasets)
@@ -80,58 +67,84 @@ def make_trainer(cfg: Config, pp: Preprocessor, datasets: dict[str, ray.data.Dat
     path, fs = storage_location(t.storage_path or storage.join(cfg.run_dir, "checkpoints"), cfg)
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config(cfg, pp.to_json(), train_rows),
+        train_loop_config=loop_config(cfg, pp.to_json(), train_rows, board),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
-        datasets=datasets,
+        datasets={k: v for k, v in datasets.items() if k in FIT_SPLITS},
         # one worker reads each dataset whole: no split coordinator actor to start (about 1 s per fit)
         dataset_config=DataConfig(datasets_to_split="all" if t.num_workers > 1 else []),
     )
 
 
-def best_model_from(checkpoint: ray.train.Checkpoint, cfg: Config, pp: Preprocessor) -> tuple[Any, dict]:
+def best_model(checkpoint: ray.train.Checkpoint, cfg: Config, pp: Preprocessor) -> tuple[Any, dict]:
     """The best-validation weights saved in a checkpoint, loaded into a fresh model (safetensors)."""
     arch = model_arch(cfg.model, fields_of(pp), len(pp.num_columns))
     model = model_from_arch(arch)
-    with checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(os.path.join(d, "best.safetensors")))
+    model.load_state_dict(best_weights(checkpoint))
     model.eval()
     return model, arch
 
 
+def finish(cfg: Config, prep: dict, model: Any, arch: dict, metrics: dict[str, Any], bundle: str | None,
+           info: dict | None = None) -> dict[str, Any]:
+    """Score the test split once (encoded, all rows) with the best weights; write the bundle (report.html
+    inside, test metrics also in the manifest's info) when `bundle` is given. Returns the run's metrics
+    with the test ones (`test_passes` counts the passes over test this took: 1)."""
+    history = json.loads(metrics["history"]) if isinstance(metrics.get("history"), str) else metrics.get("history", [])
+    before = passes["test"]
+    with console.step("test") as st:
+        ev = evaluate_encoded(cfg, prep["preprocessor"], model, arch, prep["encoded"], "test", history=history,
+                              meta={"model": cfg.model.name, "run": cfg.run.name})
+        st["done"] = f"{ev['rows']:,} rows, AUC {ev['metrics']['auc']:.4f}"
+    test = {f"test_{k}": v for k, v in ev["metrics"].items()}
+    test["test_passes"] = passes["test"] - before
+    kept = {k: v for k, v in metrics.items() if k not in ("history", "starts")}
+    out = {**kept, **test, "history": history}
+    if bundle:
+        save_bundle(bundle, cfg, prep["preprocessor"], model, arch, out, prep["samples"],
+                    info={**(info or {}), "test_metrics": test}, report_html=ev["html"], s3=s3_options(cfg))
+    return {**metrics, **test}
+
+
+def _render_train(bar: console.Bar) -> Any:
+    def render(s: dict[str, Any]) -> None:
+        done = (s["epoch"] - 1) * s["steps_per_epoch"] + s["step"]
+        best = f"  best valid AUC {s['best_valid_auc']:.4f}" if s["best_valid_auc"] > 0 else ""
+        bar.total = s["epochs"] * s["steps_per_epoch"]
+        bar.update(done, f"epoch {s['epoch']}/{s['epochs']}  {s['samples_per_s']:,.0f} samples/s{best}")
+    return render
+
+
 def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None = None,
           write_bundle: bool = True) -> TrainResult:
-    """Train one model as the config says; write its bundle (with report) unless told not to."""
+    """Train one model as the config says, score test once; write its bundle (with report) unless told not to."""
     t0 = time.time()
     prep = ensure_prepared(cfg)
     pp = prep["preprocessor"]
     name = run_name or cfg.run.name
-    trainer = make_trainer(cfg, pp, encoded_datasets(prep["encoded"], cfg, prep), name,
-                           prep["profile"]["rows_by_split"]["train"])
-    result = trainer.fit()
+    rows = prep["profile"]["rows_by_split"]["train"]
+    t = cfg.train
+    board = console.ProgressBoard.remote()
+    trainer = make_trainer(cfg, pp, encoded_datasets(prep["encoded"], cfg, prep, FIT_SPLITS), name, rows, board=board)
+    plan = Plan.of(cfg, rows, t.num_workers)
+    console.say(f"train {cfg.model.name}: {rows:,} rows, {t.num_workers} worker(s) x {t.cpus_per_worker:g} CPU, "
+                f"batch {t.batch_size}, up to {t.epochs} epochs of {plan.steps_per_epoch:,} steps")
+    bar = console.Bar("  train", t.epochs * plan.steps_per_epoch, "steps")
+    try:
+        with console.watch(board, _render_train(bar)):
+            result = trainer.fit()
+    finally:
+        ray.kill(board)
     if result.error:
         raise result.error
     metrics = dict(result.metrics)
-    bundle = None
-    if write_bundle:
-        model, arch = best_model_from(result.checkpoint, cfg, pp)
-        bundle = bundle_path or storage.join(cfg.run_dir, "model")
-        export_bundle(cfg, pp, model, arch, metrics, prep, bundle)
-    return TrainResult(metrics, bundle, name, time.time() - t0)
-
-
-def export_bundle(cfg: Config, pp: Preprocessor, model: Any, arch: dict, metrics: dict, prep: dict, path: str,
-                  info: dict | None = None) -> dict[str, float]:
-    """Evaluate on test with Ray Data, write the bundle (report.html inside, test metrics also in the
-    manifest's info) and return the test metrics."""
-    history = json.loads(metrics.get("history", "[]"))
-    ev = evaluate_model(cfg, pp, model, "test", history=history,
-                        meta={"model": cfg.model.name, "run": cfg.run.name})
-    test = {f"test_{k}": v for k, v in ev["metrics"].items()}
-    kept = {k: v for k, v in metrics.items() if k not in ("history", "starts")}
-    save_bundle(path, cfg, pp, model, arch, {**kept, **test, "history": history}, prep["samples"],
-                info={**(info or {}), "test_metrics": test}, report_html=ev["html"], s3=s3_options(cfg))
-    return test
+    history = json.loads(metrics["history"])
+    bar.close("\n".join(f"  epoch {r['epoch']}: loss {r['train_loss']:.4f}, "
+                        + (f"valid AUC {r['valid_auc']:.4f}, " if "valid_auc" in r else "")
+                        + f"{r['samples_per_s']:,.0f} samples/s" for r in history))
+    model, arch = best_model(result.checkpoint, cfg, pp)
+    bundle = (bundle_path or storage.join(cfg.run_dir, "model")) if write_bundle else None
+    return TrainResult(finish(cfg, prep, model, arch, metrics, bundle), bundle, name, time.time() - t0)

@@ -15,7 +15,6 @@ reader hangs silently).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -33,15 +32,16 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raycluster.config import Config, ConfigError, config_with, dump_config
-from training import storage
+from training import console, storage
+from training.config import Config, ConfigError, config_with, dump_config, fingerprint
 from training.data import s3_options
 from training.features import Preprocessor
-from training.prepare import encoded_datasets, ensure_prepared
+from training.loop import TuneSession, run_loop
+from training.prepare import ensure_prepared
+from training.reader import encoded_datasets
 from training.report import fmt, results_page, svg_line_chart
-from training.loop import TuneSession, resolve_device, run_loop
-from training.trainer import (best_model_from, check_resources, export_bundle, loop_config, make_trainer, quiet,
-                              storage_location)
+from training.resources import check_resources, dashboard_url, resolve_device
+from training.trainer import FIT_SPLITS, best_model, finish, loop_config, make_trainer, quiet, storage_location
 from tune.space import parse_space, search_space, start_points, trial_config, trial_params
 
 METRIC = "best_valid_auc"  # in every report (epoch and final); best-so-far is what early stopping compares
@@ -65,8 +65,6 @@ def check_early_stopping(asha: bool) -> None:
     """An ASHA-stopped trial's Train workers are released by Ray Train's placement-group cleaner, which
     asks the dashboard's state API whether the trial is gone: without a dashboard they are never
     released and the next trial waits forever for CPUs. Refuse that before any trial starts."""
-    from raycluster.rayinit import dashboard_url
-
     if asha and not dashboard_url():
         raise ConfigError("tune: early stopping (ASHA) needs the Ray dashboard, which releases stopped trials' "
                           "workers; set ray.include_dashboard: true (it binds to 127.0.0.1)")
@@ -74,9 +72,7 @@ def check_early_stopping(asha: bool) -> None:
 
 def search_fingerprint(cfg: Config) -> str:
     """What a restored search must share with the interrupted one."""
-    keep = {k: v for k, v in cfg.model_dump(mode="json").items() if k in ("data", "features", "model", "train")}
-    keep["tune"] = {k: v for k, v in cfg.tune.model_dump(mode="json").items() if k != "export_path"}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    return fingerprint(cfg, {"data": (), "features": (), "model": (), "train": (), "tune": ("export_path",)})
 
 
 def _abs(path: str) -> str:
@@ -137,7 +133,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     exp_path = f"{path}/{name}"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), pp_json=prep["preprocessor"].to_json(),
-                             datasets=encoded_datasets(prep["encoded"], cfg, prep),
+                             datasets=encoded_datasets(prep["encoded"], cfg, prep, FIT_SPLITS),
                              train_rows=prep["profile"]["rows_by_split"]["train"],
                              trials_dir=storage.join(root, f"{name}-trials"), use_gpu=use_gpu),
         {"cpu": cfg.train.cpus_per_worker, "gpu": int(use_gpu)} if in_trial else DRIVER_RESOURCES)
@@ -147,7 +143,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         if storage.exists(fp_file, s3) and storage.read_text(fp_file, s3) != fp:
             raise ConfigError(f"run {cfg.run.name!r} already holds a search with other settings "
                               f"({storage.join(root, name)}): use a new run.name, or --restart to discard it")
-        print(f"[rankray tune] resuming the search in {storage.join(root, name)}", flush=True)
+        console.say(f"resuming the search in {storage.join(root, name)}")
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     if restart:
@@ -163,8 +159,8 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         sampler = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)),
                                              multivariate=True)
         search_alg = OptunaSearch(sampler=sampler, points_to_evaluate=first)
-    # max_t one past the last epoch: ASHA's cap never cuts the final report (test pass and checkpoint);
-    # the trial ends itself after it
+    # max_t one past the last epoch: ASHA's cap never cuts the final report (and its checkpoint); the trial
+    # ends itself after it
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs + 1, grace_period=tc.grace_period,
                               reduction_factor=tc.reduction_factor) if asha else None
     return tune.Tuner(
@@ -176,7 +172,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
         # a one-worker trial's checkpoints are Tune's (a several-worker trial's are its Train run's); a
         # failed one is retried from its latest, as Train retries its workers
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
-                                  verbose=1, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  verbose=1 if console.verbose() else 0, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures
                                                                     if in_trial else 0)),
     )
@@ -193,7 +189,7 @@ def results_table(grid: Any, cfg: Config, clock: TrialClock | None = None) -> li
         row: dict[str, Any] = {"trial": trial_id, **trial_params(cfg, r.config),
                                "best_valid_auc": m.get(METRIC), "epochs_run": m.get(TIME_ATTR),
                                "stopped_early": bool(stopped), "stopped_by": stopped or "-",
-                               "test_auc": m.get("test_auc"), "wall_s": m.get("time_total_s"),
+                               "wall_s": m.get("time_total_s"),
                                "error": type(r.error).__name__ if r.error else ""}
         if clock is not None:
             row["startup_s"] = clock.startup(trial_id)
@@ -207,6 +203,8 @@ def _finite(v: Any) -> bool:
 
 
 def _charts(grid: Any, cfg: Config) -> list[str]:
+    """Valid AUC per trial over epochs (lines), and each searched parameter against the trial's best valid
+    AUC (a scatter, log10 of the value for log-uniform ones)."""
     curves = {}
     for r in grid:
         df = r.metrics_dataframe
@@ -215,14 +213,51 @@ def _charts(grid: Any, cfg: Config) -> list[str]:
             curves[str((r.metrics or {}).get("trial_id", "?"))] = (d[TIME_ATTR].tolist(), d["valid_auc"].tolist())
     charts = [svg_line_chart(curves, title="Validation AUC per trial", xlabel="epoch", ylabel="valid AUC")] \
         if curves else []
-    for key in search_space(cfg):
+    for key, spec in search_space(cfg).items():
+        log = "loguniform" in spec
         pts = [(trial_params(cfg, r.config)[key], (r.metrics or {}).get(METRIC)) for r in grid]
-        pts = [(x, y) for x, y in pts if _finite(x) and _finite(y)]
+        pts = [(math.log10(x) if log else x, y) for x, y in pts if _finite(x) and _finite(y) and (x > 0 or not log)]
         if pts:
-            xs, ys = zip(*sorted(pts))
+            xs, ys = zip(*pts)
+            label = f"log10({key})" if log else key
             charts.append(svg_line_chart({key: (list(xs), list(ys))}, title=f"{key} vs best valid AUC",
-                                         xlabel=key, ylabel="best valid AUC", markers=True))
+                                         xlabel=label, ylabel="best valid AUC", lines=False))
     return charts
+
+
+class TrialProgress(tune.Callback):
+    """The search's progress line, drawn by Tune's driver: trials ended of num_samples (running ones count
+    by their epochs), the best valid AUC so far."""
+
+    def __init__(self, total: int, epochs: int) -> None:
+        self.total, self.epochs = total, epochs
+        self.bar: console.Bar | None = None
+        self.ended: set[str] = set()
+        self.running: dict[str, float] = {}
+        self.best = -math.inf
+
+    def _draw(self) -> None:
+        self.bar = self.bar or console.Bar("  search", self.total, "trials")
+        done = len(self.ended) + sum(min(e / self.epochs, 1.0) for e in self.running.values())
+        best = f"best valid AUC {self.best:.4f}" if _finite(self.best) else ""
+        self.bar.update(done, f"{len(self.ended)} ended, {len(self.running)} running  {best}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.running[trial.trial_id] = float(result.get(TIME_ATTR) or 0)
+        if _finite(result.get(METRIC)):
+            self.best = max(self.best, result[METRIC])
+        self._draw()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.pop(trial.trial_id, None)
+        self.ended.add(trial.trial_id)
+        self._draw()
+
+    on_trial_error = on_trial_complete
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close("")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -258,7 +293,7 @@ def _checkpointed(r: Any, cfg: Config) -> tuple[Any, dict] | None:
 
 def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, Any]:
     """Best valid trial among those with a checkpoint (AUC as of that checkpoint): its best weights,
-    evaluated on test, bundled atomically."""
+    scored on test (the search's only pass over test), bundled atomically."""
     ok = [(r, c) for r in grid if r.error is None and (c := _checkpointed(r, cfg)) and _finite(c[1].get(METRIC))]
     if not ok:
         errors = [f"{os.path.basename(r.path or '?')}: {r.error}" for r in grid if r.error is not None]
@@ -267,13 +302,14 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, An
     best, (ckpt, reported) = max(ok, key=lambda rc: rc[1][1][METRIC])
     params = trial_params(cfg, best.config)
     wcfg = trial_config(cfg, params)
-    model, arch = best_model_from(ckpt, wcfg, prep["preprocessor"])
+    model, arch = best_model(ckpt, wcfg, prep["preprocessor"])
     trial_id = reported.get("trial_id")
     info = {"trial_id": trial_id, "params": params,
             "search": storage.join(cfg.run_dir, "tune", "search")}
     metrics = {k: v for k, v in reported.items() if _finite(v) or isinstance(v, (str, bool))}
-    test = export_bundle(wcfg, prep["preprocessor"], model, arch, metrics, prep, path, info=info)
-    return {"trial_id": trial_id, "params": params, "best_valid_auc": reported[METRIC], "test": test}
+    out = finish(wcfg, prep, model, arch, metrics, path, info=info)
+    return {"trial_id": trial_id, "params": params, "best_valid_auc": reported[METRIC],
+            "test": {k: v for k, v in out.items() if k.startswith("test_")}}
 
 
 def winner_path(cfg: Config) -> str:
@@ -285,8 +321,11 @@ def run_search(cfg: Config, *, restart: bool = False, export_path: str | None = 
     t0 = time.time()
     parse_space(cfg)  # a bad space fails before anything is prepared
     prep = ensure_prepared(cfg)
-    clock = TrialClock()
-    grid = make_tuner(cfg, prep, restart=restart, callbacks=[clock]).fit()
+    clock, progress = TrialClock(), TrialProgress(cfg.tune.num_samples, cfg.train.epochs)
+    console.say(f"search: {cfg.tune.num_samples} trials of up to {cfg.train.epochs} epochs, "
+                f"{cfg.tune.max_concurrent_trials} at a time (Optuna TPE + ASHA)")
+    grid = make_tuner(cfg, prep, restart=restart, callbacks=[clock, progress]).fit()
+    progress.close()
     table = results_table(grid, cfg, clock)
     s3 = s3_options(cfg)
     root = storage.join(cfg.run_dir, "tune")

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray import tune
 
-from raycluster.config import Config, ConfigError, config_with
+from training.config import Config, ConfigError, config_with
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 # used when tune.search_space is empty: the knobs that matter most for the default dcnv2

@@ -1,9 +1,11 @@
 """The one typed config tree: YAML in, `--set a.b=value` overrides, key paths in every error."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -388,6 +390,14 @@ def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (written next to every output)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def fingerprint(cfg: Config, sections: Mapping[str, Collection[str]], extra: Any = None) -> str:
+    """sha256 of what an output depends on: the named config sections, each without the keys listed for
+    it (settings that do not change the output), and `extra` (e.g. a file layout version)."""
+    dump = cfg.model_dump(mode="json")
+    parts = {name: {k: v for k, v in dump[name].items() if k not in skip} for name, skip in sections.items()}
+    return hashlib.sha256(json.dumps({"config": parts, "extra": extra}, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def env_or(value: str | None, *names: str) -> str | None:

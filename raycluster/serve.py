@@ -1,4 +1,5 @@
-"""`rankray serve`: start (or join) Ray, run the Ranker app on Serve, wait until healthy, print how to call it."""
+"""`rankray serve` and the pipeline's deploy stage: start (or join) Ray, run the Ranker app (serving/app.py) on
+Serve, wait until healthy, print how to call it."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import socket
 import time
 from typing import Any
 
-from raycluster.config import Config, ServeConfig
+from training.config import Config, ServeConfig
 from serving.client import wait_healthy
 from training.bundle import load_bundle
 from training.features import Preprocessor
@@ -31,14 +32,18 @@ def curl_line(url: str, body: dict[str, Any], api_key_env: str | None) -> str:
 
 def run_server(bundle: str, serve_cfg: ServeConfig | None = None, cfg: Config | None = None,
                host: str | None = None, port: int | None = None, wait: bool = True,
-               health_timeout_s: float = 120.0) -> str:
-    """Deploy `bundle` as app "rankray" at route "/"; block until Ctrl-C when `wait`. Returns the URL."""
+               health_timeout_s: float = 120.0, loaded: tuple[Preprocessor, dict[str, Any]] | None = None) -> str:
+    """Deploy `bundle` as app "rankray" at route "/"; block until Ctrl-C when `wait`. Returns the URL.
+    `loaded`: the bundle's (preprocessor, metadata) when the caller has loaded it already."""
     from ray import serve
 
     from raycluster.rayinit import ensure_ray, free_port
     from serving.app import build_app
 
-    pp, _, meta = load_bundle(bundle)  # fail here, with the file named, before anything starts
+    if loaded is None:
+        pp, _, meta = load_bundle(bundle)  # fail here, with the file named, before anything starts
+    else:
+        pp, meta = loaded
     body = example_body(pp, meta)
     if serve_cfg is None:
         serve_cfg = meta["config"].serve  # the serve section the bundle was trained with
