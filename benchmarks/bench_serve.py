@@ -248,7 +248,8 @@ def print_table(res: dict[tuple[str, int], dict[str, Any]], conc: list[int], ing
     c = 16 if 16 in conc else conc[-1]
     ratios = [(res[f"serve/{i}", c]["qps"] / res[f"bare/{i}", c]["qps"], res[f"serve/{i}", c]["p99"] / res[f"bare/{i}", c]["p99"])
               for i in ingress]
-    print(f"HEADLINE | `/rank` (100 candidates), {c} clients: Serve vs a bare FastAPI server, serve.ingress "
+    print(f"HEADLINE | `/rank` (100 candidates), {c} clients: Serve vs a bare, unbatched FastAPI server (not yet the "
+          f"fair, batched peer of issue 20), serve.ingress "
           f"{' / '.join(ingress)} | {' / '.join(f'{q:.2f}x' for q, _ in ratios)} QPS, "
           f"{' / '.join(f'{p:.2f}x' for _, p in ratios)} p99")
 
