@@ -106,37 +106,35 @@ def slice_aucs(pred: dict[str, np.ndarray], pp: Preprocessor, names: list[str], 
     return out
 
 
-def _evaluation(pred: dict[str, np.ndarray], cfg: Config, pp: Preprocessor, names: list[str], title: str,
-                history: list[dict] | None, meta: dict | None) -> dict[str, Any]:
-    if np.isnan(pred["y"]).any():
-        raise ValueError(f"label column {cfg.features.label!r} is missing from the scored rows")
-    oracle = pred["o"] if cfg.features.oracle and not np.isnan(pred["o"]).any() else None
-    metrics = compute_metrics(pred["y"], np.clip(pred["p"], 0, 1), group=pred["g"] if cfg.features.group else None,
-                              p_true=oracle)
-    slices = slice_aucs(pred, pp, names)
-    html = evaluation_report(title=title, metrics=metrics, y=pred["y"], p=pred["p"], slices=slices, history=history,
-                             meta=meta)
-    return {"metrics": metrics, "html": html, "slices": slices, "rows": len(pred["y"])}
-
-
 def evaluate_encoded(cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: dict, encoded_dir: str,
                      split: str = "test", *, history: list[dict] | None = None,
                      meta: dict | None = None) -> dict[str, Any]:
     """Metrics and report of a prepared (encoded) split: what training scores its test split with."""
-    names = slice_features(pp)
     ds = encoded_datasets(encoded_dir, cfg, splits=(split,))[split]
-    pred = score_dataset(ds, pp, model, arch, split, raw=False, slices=names, batch_size=cfg.data.batch_size)
-    return _evaluation(pred, cfg, pp, names, f"rankray evaluation: {cfg.run.name} ({split} split)", history, meta)
+    return _evaluate(ds, False, cfg, pp, model, arch, split, history, meta)
 
 
 def evaluate_raw(cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: dict, split: str = "test", *,
                  history: list[dict] | None = None, meta: dict | None = None) -> dict[str, Any]:
     """Metrics and report of a split of the config's raw data (read, joined and split again), scored through
     the preprocessor's transform: `rankray evaluate --data`."""
-    names = slice_features(pp)
     ds = usable_rows(split_dataset(cfg)[0], cfg)  # quarantined rows are not scored either
-    pred = score_dataset(ds, pp, model, arch, split, raw=True, slices=names, batch_size=cfg.data.batch_size)
-    return _evaluation(pred, cfg, pp, names, f"rankray evaluation: {cfg.run.name} ({split} split)", history, meta)
+    return _evaluate(ds, True, cfg, pp, model, arch, split, history, meta)
+
+
+def _evaluate(ds: ray.data.Dataset, raw: bool, cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: dict,
+              split: str, history: list[dict] | None, meta: dict | None) -> dict[str, Any]:
+    names = slice_features(pp)
+    pred = score_dataset(ds, pp, model, arch, split, raw=raw, slices=names, batch_size=cfg.data.batch_size)
+    if np.isnan(pred["y"]).any():
+        raise ValueError(f"label column {cfg.features.label!r} is missing from the scored rows")
+    oracle = pred["o"] if cfg.features.oracle and not np.isnan(pred["o"]).any() else None
+    metrics = compute_metrics(pred["y"], np.clip(pred["p"], 0, 1), group=pred["g"] if cfg.features.group else None,
+                              p_true=oracle)
+    slices = slice_aucs(pred, pp, names)
+    html = evaluation_report(title=f"rankray evaluation: {cfg.run.name} ({split} split)", metrics=metrics,
+                             y=pred["y"], p=pred["p"], slices=slices, history=history, meta=meta)
+    return {"metrics": metrics, "html": html, "slices": slices, "rows": len(pred["y"])}
 
 
 def write_evaluation(out_dir: str, ev: dict[str, Any], cfg: Config) -> None:
