@@ -29,13 +29,13 @@ import ray
 import torch
 
 from training.config import Config, config_with, load_config
-from training.scoring import fields_of
 from training.features import LABEL
 from training.loop import make_optimizers
-from training.reader import Collate, iter_batches
 from training.models import build_model
 from training.prepare import ensure_prepared
-from training.reader import encoded_datasets
+from training.reader import Collate, encoded_datasets, iter_batches
+from training.scoring import fields_of
+from training.sizing import sized
 from training.trainer import train
 
 
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     prep = ensure_prepared(cfg)
+    cfg = sized(cfg, prep["profile"]["rows_by_split"]["train"])  # the batch size rankray train would take
     pp, encoded = prep["preprocessor"], prep["encoded"]
     files = sorted(glob.glob(os.path.join(encoded, "split=train", "*.parquet")))
     cores = os.cpu_count() or 1

@@ -19,9 +19,10 @@ raycluster.use_token_auth()  # before ray is imported
 
 import ray
 
-from training.config import load_config
 from raycluster.rayinit import ensure_ray
+from training.config import load_config
 from training.prepare import ensure_prepared
+from training.sizing import sized
 from tune.search import TrialClock, make_tuner, results_table
 
 SPACE = {"train.lr": {"loguniform": [0.0001, 0.03]}, "model.embedding_dim": {"int": [4, 24]},
@@ -31,6 +32,7 @@ SPACE = {"train.lr": {"loguniform": [0.0001, 0.03]}, "model.embedding_dim": {"in
 def run(cfg, prep, name: str, **kw) -> dict:
     clock = TrialClock()
     t0 = time.time()
+    cfg = sized(cfg, prep["profile"]["rows_by_split"]["train"])  # as run_search does
     grid = make_tuner(cfg, prep, restart=True, callbacks=[clock], name=name, **kw).fit()
     wall = time.time() - t0
     table = results_table(grid, cfg, clock)

@@ -106,10 +106,10 @@ def _value_error(col: Column, v: Any) -> str | None:
         elif kind in ("categorical", "text"):
             if t not in (str, int, bool) and not (t is float and col.float_ok):
                 return f"must be a string, integer or boolean, got {_type_name(v)}"
-        elif t is list:  # multi_hot
-            bad = next((x for x in v if type(x) not in (str, int)), MISSING)
+        elif t is list:  # multi_hot; a null item is out of vocabulary, as a null inside a Parquet list
+            bad = next((x for x in v if type(x) not in (str, int, type(None))), MISSING)
             if bad is not MISSING:
-                return f"list items must be strings or integers, got {_type_name(bad)}"
+                return f"list items must be strings, integers or null, got {_type_name(bad)}"
             if any(type(x) is int and not INT64[0] <= x <= INT64[1] for x in v):
                 return "list item integer out of the 64-bit range"
         elif t not in (str, int):
@@ -137,7 +137,8 @@ def _normalize(col: Column, values: list[Any]) -> list[Any]:
     """Bring valid values to the form training data had, so `Preprocessor.transform` reads them alike."""
     if col.kinds == frozenset({"multi_hot"}):
         if col.sep is not None:
-            return [col.sep.join(map(str, v)) if type(v) is list else (str(v) if type(v) is int else v) for v in values]
+            return [col.sep.join(str(x) for x in v if x is not None) if type(v) is list
+                    else (str(v) if type(v) is int else v) for v in values]
         return [v if type(v) is list or v is None else [v] for v in values]
     if col.int_vocab and col.kinds == frozenset({"categorical"}) and any(type(v) is str for v in values):
         return [_as_int(v) if type(v) is str else v for v in values]

@@ -137,7 +137,7 @@ BAD = [
      "candidates[0].device: must be a string, integer or boolean, got an object"),
     ("float category", "/rank", lambda r: {"candidates": [_cand(r, tier=1.5)]}, 422, "candidates[0].tier: must be a string"),
     ("bad multi_hot item", "/rank", lambda r: {"context": {"user_skills": ["a", [1]]}, "candidates": _ok(r)}, 422,
-     "context.user_skills: list items must be strings or integers"),
+     "context.user_skills: list items must be strings, integers or null"),
     ("context not object", "/rank", lambda r: {"context": [1], "candidates": _ok(r)}, 422, "context: must be an object"),
     ("top_k zero", "/rank", lambda r: {"candidates": _ok(r), "top_k": 0}, 422, "top_k: must be an integer >= 1"),
     ("top_k string", "/rank", lambda r: {"candidates": _ok(r), "top_k": "3"}, 422, "top_k: must be an integer"),

@@ -172,12 +172,14 @@ class TrainConfig(_Strict):
     optimizer: Literal["adam", "adagrad", "sparse_adam"] = "adam"
     lr: float = Field(default=5e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=2048, ge=1)  # global: split across workers
-    epochs: int = Field(default=5, ge=1)
+    # "auto" (the default) sizes these four from the train split's rows (training.sizing): budgets in
+    # steps, patience in epochs, so 50k rows and 10M rows both train well without hand-setting
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # global: split across workers
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # logs usually arrive in time order; mixing ~a day of rows keeps batches from being all one hour
     shuffle_buffer: int = Field(default=65536, ge=0)
-    evals_per_epoch: int = Field(default=4, ge=1)  # deep CTR models peak within an epoch: look often
-    patience: int = Field(default=2, ge=1)  # evaluations without a better valid AUC before stopping
+    evals_per_epoch: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # validation points per epoch
+    patience: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # evaluations without a better valid AUC
     grad_clip: float | None = Field(default=10.0, gt=0)
     # share of known categorical ids replaced by the out-of-vocabulary id in training (unseen users/items)
     oov_dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -196,7 +198,7 @@ class TuneConfig(_Strict):
     # ASHA, in epochs: a trial runs at least grace_period; at each rung (grace_period x reduction_factor^k)
     # only the best 1/reduction_factor go on, decided at the trial's reports: every evaluation of a
     # one-worker trial (train.evals_per_epoch), the epoch ends of a several-worker one.
-    grace_period: float = Field(default=0.25, gt=0)
+    grace_period: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"  # auto: training.sizing
     reduction_factor: int = Field(default=3, ge=2)
     seed: int = 0
     export_path: str | None = None  # winner bundle (local or s3://); default RUN_DIR/winner

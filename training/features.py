@@ -41,7 +41,7 @@ def as_arrow(values: Any, name: str) -> pa.Array:
         if isinstance(values, (list, tuple)):  # numpy would make equal-length lists a 2-D array
             return pa.array(values, from_pandas=True)
         arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
-        if arr.dtype == object:
+        if arr.dtype == object or arr.ndim > 1:  # objects (lists), or equal-length lists as a 2-D array
             return pa.array(list(arr) if arr.ndim else [arr.item()], from_pandas=True)
         return pa.array(arr)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:

@@ -26,6 +26,7 @@ from training.prepare import ensure_prepared
 from training.reader import encoded_datasets
 from training.resources import check_resources, resolve_device
 from training.scoring import fields_of
+from training.sizing import sized
 
 FIT_SPLITS = ("train", "valid")  # what a Train run or a trial reads; test is scored once, by the driver
 
@@ -60,6 +61,7 @@ def quiet(datasets: dict[str, ray.data.Dataset]) -> None:
 
 def make_trainer(cfg: Config, pp: Preprocessor, datasets: dict[str, ray.data.Dataset], run_name: str,
                  train_rows: int, callbacks: list | None = None, board: Any = None) -> TorchTrainer:
+    cfg = sized(cfg, train_rows)
     use_gpu, _ = resolve_device(cfg)
     check_resources(cfg, use_gpu)
     quiet(datasets)
@@ -126,6 +128,7 @@ def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None =
     pp = prep["preprocessor"]
     name = run_name or cfg.run.name
     rows = prep["profile"]["rows_by_split"]["train"]
+    cfg = sized(cfg, rows)  # "auto" batch size, epochs, evaluations and patience, for this many rows
     t = cfg.train
     board = console.ProgressBoard.remote()
     trainer = make_trainer(cfg, pp, encoded_datasets(prep["encoded"], cfg, prep, FIT_SPLITS), name, rows, board=board)

@@ -41,6 +41,7 @@ from training.prepare import ensure_prepared
 from training.reader import encoded_datasets
 from training.report import fmt, results_page, svg_line_chart
 from training.resources import check_resources, dashboard_url, resolve_device
+from training.sizing import sized
 from training.trainer import FIT_SPLITS, best_model, finish, loop_config, make_trainer, quiet, storage_location
 from tune.space import parse_space, search_space, start_points, trial_config, trial_params
 
@@ -321,6 +322,7 @@ def run_search(cfg: Config, *, restart: bool = False, export_path: str | None = 
     t0 = time.time()
     parse_space(cfg)  # a bad space fails before anything is prepared
     prep = ensure_prepared(cfg)
+    cfg = sized(cfg, prep["profile"]["rows_by_split"]["train"])  # "auto" sizes, for every trial alike
     clock, progress = TrialClock(), TrialProgress(cfg.tune.num_samples, cfg.train.epochs)
     console.say(f"search: {cfg.tune.num_samples} trials of up to {cfg.train.epochs} epochs, "
                 f"{cfg.tune.max_concurrent_trials} at a time (Optuna TPE + ASHA)")
