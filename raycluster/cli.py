@@ -90,8 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _save_config(cfg, cfg.run_dir)
     res = train(cfg, bundle_path=args.out)
     m = res.metrics
-    print(f"trained {cfg.model.name} in {res.seconds:.0f} s: {m['epochs_run']} epochs (best at {m['best_epoch']:.2f}), "
-          f"valid AUC {m['best_valid_auc']:.4f}, test AUC {m['test_auc']:.4f}, test logloss {m['test_logloss']:.4f}"
+    ran = (f"{m['best_iteration']} trees" if cfg.model.name == "lightgbm"
+           else f"{m['epochs_run']} epochs (best at {m['best_epoch']:.2f})")
+    print(f"trained {cfg.model.name} in {res.seconds:.0f} s: {ran}, valid AUC {m['best_valid_auc']:.4f}, "
+          f"test AUC {m['test_auc']:.4f}, test logloss {m['test_logloss']:.4f}"
           + (f", Bayes ratio {m['test_bayes_ratio']:.3f}" if "test_bayes_ratio" in m else ""))
     print(f"bundle: {res.bundle}\nreport: {res.bundle}/report.html")
     return 0

@@ -53,8 +53,9 @@ class Stages:
         return outputs
 
 
-def gate(cfg: Config, test_auc: float, baseline_auc: float | None) -> str:
-    """Why the winner may be deployed; raises GateError saying why not."""
+def gate(cfg: Config, test_auc: float, baseline_auc: float | None, gbdt_auc: float | None = None) -> str:
+    """Why the winner may be deployed; raises GateError saying why not. LightGBM on the same split is shown
+    beside it (the search does not include it yet, so it informs and does not block)."""
     p = cfg.pipeline
     if not test_auc >= p.min_test_auc:
         raise GateError(f"winner test AUC {test_auc:.4f} is below pipeline.min_test_auc {p.min_test_auc:.4f}: "
@@ -63,6 +64,9 @@ def gate(cfg: Config, test_auc: float, baseline_auc: float | None) -> str:
         raise GateError(f"winner test AUC {test_auc:.4f} does not beat the logreg baseline ({baseline_auc:.4f}) "
                         "on the same split: not deployed")
     vs = f" > logreg {baseline_auc:.4f}" if baseline_auc is not None else ""
+    if gbdt_auc is not None:
+        vs += (f", {'>' if test_auc > gbdt_auc else '<='} lightgbm {gbdt_auc:.4f}"
+               + ("" if test_auc > gbdt_auc else " (lightgbm is better here: `rankray train` with model.name=lightgbm)"))
     return f"winner test AUC {test_auc:.4f} >= min {cfg.pipeline.min_test_auc:.4f}{vs}: deploy"
 
 
@@ -114,25 +118,29 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
     st.run("evaluate the winner on test", won["bundle"] + json.dumps(won["test"]),
            lambda: _show_test(won), total)
 
-    baseline_auc = None
+    baseline_auc = gbdt_auc = None
     if cfg.pipeline.baseline:
         def baseline() -> dict:
-            lr = config_with(cfg, {"model.name": "logreg"})
-            res = train(lr, run_name=f"{cfg.run.name}-logreg", write_bundle=False)
-            return {"test_auc": res.metrics["test_auc"], "best_valid_auc": res.metrics["best_valid_auc"]}
+            out = {}
+            for name in ("logreg", "lightgbm"):
+                res = train(config_with(cfg, {"model.name": name}), run_name=f"{cfg.run.name}-{name}",
+                            write_bundle=False)
+                out[name] = {"test_auc": res.metrics["test_auc"], "best_valid_auc": res.metrics["best_valid_auc"]}
+            return out
 
-        # the baseline depends on the data and the training settings, not on the search
-        base = st.run("baseline: logreg on the same split",
-                      fingerprint(cfg, {"data": (), "features": (), "train": ()}), baseline, total)
-        baseline_auc = base["test_auc"]
-        print(f"    logreg test AUC {baseline_auc:.4f}", flush=True)
+        # the baselines depend on the data and the training settings, not on the search
+        base = st.run("baselines: logreg and lightgbm on the same split",
+                      fingerprint(cfg, {"data": (), "features": (), "train": (), "model": ()}, extra={"baselines": 2}),
+                      baseline, total)
+        baseline_auc, gbdt_auc = base["logreg"]["test_auc"], base["lightgbm"]["test_auc"]
+        print(f"    logreg test AUC {baseline_auc:.4f}, lightgbm test AUC {gbdt_auc:.4f}", flush=True)
 
     st.banner("gate", total)
-    print("    " + gate(cfg, won["test"]["test_auc"], baseline_auc), flush=True)
+    print("    " + gate(cfg, won["test"]["test_auc"], baseline_auc, gbdt_auc), flush=True)
 
     out = {"bundle": won["bundle"], "report": storage.join(won["bundle"], "report.html"),
            "search_results": won["results_html"], "dashboard": dashboard, "test_auc": won["test"]["test_auc"],
-           "baseline_test_auc": baseline_auc, "url": None}
+           "baseline_test_auc": baseline_auc, "lightgbm_test_auc": gbdt_auc, "url": None}
     if cfg.pipeline.deploy:
         from raycluster.serve import curl_line, example_body, run_server
         from training.bundle import load_bundle

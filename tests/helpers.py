@@ -101,6 +101,21 @@ def untrained_bundle(path: str, seed: int = 0, config: str = DEMO_CONFIG) -> str
 
 
 @contextlib.contextmanager
+def served(bundle: str, name: str) -> Iterator[None]:
+    """The bundle as a Serve app on the run's shared Serve, under /NAME, deleted afterwards."""
+    from ray import serve
+
+    from serving.app import build_app
+    from training.config import ServeConfig
+
+    serve.run(build_app(bundle, ServeConfig(), num_cpus=0.5), name=name, route_prefix=f"/{name}")
+    try:
+        yield
+    finally:
+        serve.delete(name)
+
+
+@contextlib.contextmanager
 def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
     """A real head node started with the `ray` CLI (dashboard on 127.0.0.1, token auth on). `--block`
     keeps it tied to one process group, so teardown stops this cluster only (`ray stop` would stop

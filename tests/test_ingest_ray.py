@@ -10,11 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ray import serve
 
-from serving.app import build_app
+from tests.helpers import served
 from training.bundle import load_bundle, verify_samples
-from training.config import ServeConfig, load_config
+from training.config import load_config
 from training.evaluate import evaluate_raw
 from training.features import DataError
 from training.prepare import ensure_prepared
@@ -103,8 +102,7 @@ def test_awkward_types_train_bundle_and_serve_the_offline_scores(tmp_path, serve
         {"user": 7, "item": "new", "region": "mars", "tags": ["zz", "a"], "cats": [], "price": 1.0, "user_seen": 1},
     ]
     offline = score_rows(b_pp, model, reqs)
-    serve.run(build_app(res.bundle, ServeConfig(), num_cpus=0.5), name="ingest", route_prefix="/ingest")
-    try:
+    with served(res.bundle, "ingest"):
         r = httpx.post(f"{serve_url}/ingest/predict", json={"rows": reqs}, timeout=60)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["scores"], offline, rtol=0, atol=1e-6)
@@ -113,8 +111,6 @@ def test_awkward_types_train_bundle_and_serve_the_offline_scores(tmp_path, serve
         np.testing.assert_allclose(r.json()["scores"], meta["samples"]["scores"], rtol=0, atol=1e-6)
         bad = httpx.post(f"{serve_url}/ingest/predict", json={"rows": [{**reqs[0], "tags": [{"x": 1}]}]}, timeout=60)
         assert bad.status_code == 422 and "tags" in bad.text, bad.text
-    finally:
-        serve.delete("ingest")
 
 
 def test_given_splits_with_int_ids_in_one_file_and_strings_in_another_name_both(tmp_path):

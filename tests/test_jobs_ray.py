@@ -72,6 +72,9 @@ def test_job_submit_runs_the_pipeline_on_s3_and_a_resubmit_skips_finished_stages
     for banner in ("profile, split, fit and encode", "tune (Ray Tune", "gate", "deploy on Ray Serve", "smoke request"):
         assert banner in log
     assert "Ray dashboard: http://127.0.0.1:" in log
+    # the gate line shows the winner against logreg and lightgbm trained on the same split
+    gate_line = next(ln for ln in log.splitlines() if ln.strip().startswith("winner test AUC"))
+    assert "logreg" in gate_line and "lightgbm" in gate_line and "lightgbm test AUC" in log, gate_line
     assert f"POST http://127.0.0.1:{port}/rank" in log and "curl -s -X POST" in log
     # the dashboard's jobs API (token auth) shows the job SUCCEEDED
     jobs = JobSubmissionClient(head["address"]).list_jobs()

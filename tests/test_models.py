@@ -210,7 +210,7 @@ def test_dcnv2_without_mlp_or_cross() -> None:
     (lambda: build_model(ModelConfig.model_construct(name="wide_deep", embedding_dim=0, mlp=[8], dropout=0.0,
                                                      cross_layers=0, cross_rank=None), FIELDS, N),
      "embedding_dim must be >= 1"),
-    (lambda: build_model(ModelConfig.model_construct(name="lightgbm", cross_rank=None), FIELDS, N), "unknown model"),
+    (lambda: build_model(ModelConfig.model_construct(name="xgboost", cross_rank=None), FIELDS, N), "unknown model"),
     (lambda: DLRM(FIELDS, N, mlp=[8, 0]), r"mlp\[1\] must be >= 1"),
     (lambda: CrossNetV2(8, 2.0), "cross_layers must be an int"),  # type: ignore[arg-type]
     (lambda: model_from_arch({"name": "dcnv2"}), "missing keys"),

@@ -20,6 +20,10 @@ def test_gate_refuses_a_weak_winner_and_says_why(tmp_path):
     with pytest.raises(GateError, match=r"does not beat the logreg baseline \(0.7600\)"):
         gate(cfg, 0.75, 0.76)
     assert "deploy" in gate(cfg, 0.75, None)  # pipeline.baseline: false
+    # lightgbm on the same split is shown beside the winner, ahead or behind, and says what to do when ahead
+    assert "> lightgbm 0.7400: deploy" in gate(cfg, 0.75, 0.70, 0.74)
+    behind = gate(cfg, 0.75, 0.70, 0.78)
+    assert "<= lightgbm 0.7800 (lightgbm is better here" in behind and "model.name=lightgbm" in behind
     with pytest.raises(GateError):
         gate(cfg, float("nan"), None)  # a NaN AUC is never good enough
 

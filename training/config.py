@@ -151,7 +151,7 @@ class DataConfig(_Strict):
 
 # ---------------------------------------------------------------- model / train / tune / serve
 class ModelConfig(_Strict):
-    name: Literal["dcnv2", "dlrm", "deepfm", "wide_deep", "logreg"] = "dcnv2"
+    name: Literal["dcnv2", "dlrm", "deepfm", "wide_deep", "logreg", "lightgbm"] = "dcnv2"
     embedding_dim: int = Field(default=16, ge=1)
     mlp: list[int] = Field(default_factory=lambda: [256, 128])
     cross_layers: int = Field(default=3, ge=0)
@@ -160,6 +160,12 @@ class ModelConfig(_Strict):
     # dcnv2 only (deepfm, wide_deep and logreg always have one; dlrm has none): logreg's per-value weights
     # added to the logit. Test AUC +0.004 on MovieLens, +0.002 on 200k generated rows (2 seeds each)
     first_order: bool = True
+    # lightgbm only (training.gbdt): leaves per tree, rows per leaf, shrinkage, most trees (early stopping
+    # on valid AUC picks how many are kept)
+    num_leaves: int = Field(default=63, ge=2)
+    min_data_in_leaf: int = Field(default=50, ge=1)
+    gbdt_learning_rate: float = Field(default=0.05, gt=0)
+    num_boost_round: int = Field(default=2000, ge=1)
 
 
 class TrainConfig(_Strict):

@@ -1,4 +1,5 @@
-"""CTR ranking models: DCNv2, DLRM, DeepFM, Wide&Deep, LogReg built from shared named parts.
+"""CTR ranking models: DCNv2, DLRM, DeepFM, Wide&Deep, LogReg built from shared named parts, and a LightGBM
+booster (GBDT) behind the same interface.
 
 Shapes: B batch, S categorical slots, F fields, D embedding dim, N numerics, K = F*D + N.
 Every model maps (x_cat int64 [B, S], x_num float32 [B, N]) to logits float32 [B] (no sigmoid).
@@ -306,14 +307,56 @@ class LogReg(_Ranker):
         return self.linear(x_cat, x_num)
 
 
+class GBDT(_Ranker):
+    """A LightGBM booster behind the same interface, so it is scored, bundled and served like the deep models
+    (training.scoring.forward). Its state is LightGBM's own text model format as a uint8 tensor
+    (`model_text`, in weights.safetensors: no pickle); the categorical slots are its native categoricals
+    (one column per slot, ids as the encoder gives them), the numerics as they are. Trained by
+    training.gbdt, not by gradient steps: `fields`/`num_numeric` fix the input layout only."""
+
+    def __init__(self, fields: Sequence[FieldSpec], num_numeric: int) -> None:
+        super().__init__(fields, num_numeric)
+        self.register_buffer("model_text", torch.zeros(0, dtype=torch.uint8))
+        self._booster: Any = None
+
+    def set_booster_text(self, text: str) -> None:
+        import lightgbm
+
+        self.model_text = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+        self._booster = lightgbm.Booster(model_str=text)
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
+        if "model_text" not in state:
+            raise ValueError("GBDT state dict has no model_text")
+        self.set_booster_text(bytes(state["model_text"].cpu().numpy().tobytes()).decode())
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    @staticmethod
+    def features(x_cat: Any, x_num: Any) -> Any:
+        """[B, S + N] float64: the slots' ids, then the numerics (LightGBM's input)."""
+        import numpy as np
+
+        x_cat, x_num = (x.cpu().numpy() if isinstance(x, Tensor) else x for x in (x_cat, x_num))
+        return np.concatenate([np.asarray(x_cat, np.float64), np.asarray(x_num, np.float64)], axis=1)
+
+    def _logits(self, x_cat: Tensor, x_num: Tensor) -> Tensor:
+        if self._booster is None:
+            raise ValueError("the GBDT model is not trained (no booster loaded)")
+        raw = self._booster.predict(self.features(x_cat, x_num), raw_score=True)
+        return torch.as_tensor(raw, dtype=torch.float32, device=x_cat.device)
+
+
+# the models trained by gradient steps (the training loop); "lightgbm" (GBDT) is fitted by training.gbdt
 MODELS: dict[str, type[_Ranker]] = {"dcnv2": DCNv2, "dlrm": DLRM, "deepfm": DeepFM, "wide_deep": WideDeep,
                                     "logreg": LogReg}
 
 
 def build_model(cfg: ModelConfig, fields: Sequence[FieldSpec], num_numeric: int, sparse: bool = False) -> nn.Module:
     """The model named by cfg.name; `sparse=True` gives sparse embedding gradients (SparseAdam/Adagrad)."""
+    if cfg.name == "lightgbm":
+        return GBDT(fields, num_numeric)
     if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; choose one of {sorted(MODELS)}")
+        raise ValueError(f"unknown model {cfg.name!r}; choose one of {sorted(MODELS) + ['lightgbm']}")
     if cfg.cross_rank is not None and cfg.name != "dcnv2":
         raise ValueError(f"model.cross_rank is only used by dcnv2, not {cfg.name!r}; unset it")
     if cfg.name == "logreg":

@@ -6,6 +6,7 @@ scores outside the training step. Shapes: B rows, S categorical slots, N numeric
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -32,7 +33,7 @@ def forward(model: torch.nn.Module, x_cat: np.ndarray | torch.Tensor, x_num: np.
     """x_cat int [B, S], x_num float32 [B, N] (numpy or tensors, pinned ones copied without blocking) ->
     click probabilities float32 [B] as numpy, with the model in eval mode (its mode is restored after)."""
     m = unwrap(model)
-    device = next(m.parameters()).device
+    device = next(itertools.chain(m.parameters(), m.buffers())).device  # a GBDT has a buffer only
     x_cat = torch.as_tensor(x_cat).to(device, non_blocking=True)
     x_num = torch.as_tensor(x_num).to(device, non_blocking=True)
     was_training = m.training

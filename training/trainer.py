@@ -20,6 +20,7 @@ from training.config import Config
 from training.data import s3_options
 from training.evaluate import evaluate_encoded, passes
 from training.features import Preprocessor
+from training.gbdt import fit_gbdt
 from training.loop import Plan, train_loop
 from training.models import model_arch, model_from_arch
 from training.prepare import ensure_prepared
@@ -130,6 +131,13 @@ def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None =
     rows = prep["profile"]["rows_by_split"]["train"]
     cfg = sized(cfg, rows)  # "auto" batch size, epochs, evaluations and patience, for this many rows
     t = cfg.train
+    bundle = (bundle_path or storage.join(cfg.run_dir, "model")) if write_bundle else None
+    if cfg.model.name == "lightgbm":  # a booster, not gradient steps: one Ray task (training.gbdt)
+        with console.step(f"train lightgbm: {rows:,} rows, {t.num_workers * t.cpus_per_worker:g} CPU") as st:
+            model, arch, metrics = fit_gbdt(cfg, prep)
+            st["done"] = (f"{metrics['best_iteration']} trees (of {metrics['rounds_run']} rounds), "
+                          f"valid AUC {metrics['best_valid_auc']:.4f}")
+        return TrainResult(finish(cfg, prep, model, arch, metrics, bundle), bundle, name, time.time() - t0)
     board = console.ProgressBoard.remote()
     trainer = make_trainer(cfg, pp, encoded_datasets(prep["encoded"], cfg, prep, FIT_SPLITS), name, rows, board=board)
     plan = Plan.of(cfg, rows, t.num_workers)
@@ -149,5 +157,4 @@ def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None =
                         + (f"valid AUC {r['valid_auc']:.4f}, " if "valid_auc" in r else "")
                         + f"{r['samples_per_s']:,.0f} samples/s" for r in history))
     model, arch = best_model(result.checkpoint, cfg, pp)
-    bundle = (bundle_path or storage.join(cfg.run_dir, "model")) if write_bundle else None
     return TrainResult(finish(cfg, prep, model, arch, metrics, bundle), bundle, name, time.time() - t0)

@@ -1,0 +1,83 @@
+"""`model.name: lightgbm`: a LightGBM booster fitted on the same encoded train split the deep models read,
+with early stopping on valid AUC, as one Ray task holding every CPU the run asks for (num_workers x
+cpus_per_worker). The categorical slots are LightGBM's native categoricals, the numerics as encoded. The
+result is a `training.models.GBDT`, which the driver scores on test and bundles like any other model.
+
+Not yet: Ray Train's distributed LightGBM over several workers, multi-hot as bags (each slot is its own
+categorical column here), and searching it with `rankray tune`."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from training import storage
+from training.config import Config
+from training.data import s3_options
+from training.evalmetrics import compute_metrics
+from training.features import LABEL, Preprocessor
+from training.models import GBDT, model_arch
+from training.scoring import fields_of
+
+EARLY_STOP_ROUNDS = 50
+
+
+def _split(encoded: str, name: str, cfg: Config, pp: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
+    """One encoded split as LightGBM's input (slots, then numerics) and its labels."""
+    s3 = s3_options(cfg)
+    fs, _ = storage.filesystem(encoded, s3)
+    files = storage.list_files(storage.join(encoded, f"split={name}"), s3)
+    table = pq.read_table(files, filesystem=fs, columns=pp.cat_columns + pp.num_columns + [LABEL], partitioning=None)
+    return GBDT.features(*pp.pack(table)), table.column(LABEL).to_numpy()
+
+
+def params_of(cfg: Config, threads: int) -> dict[str, Any]:
+    m = cfg.model
+    return {"objective": "binary", "metric": "auc", "learning_rate": m.gbdt_learning_rate, "num_leaves": m.num_leaves,
+            "min_data_in_leaf": m.min_data_in_leaf, "feature_fraction": 0.9, "bagging_fraction": 0.9,
+            "bagging_freq": 1, "lambda_l2": 1.0, "cat_smooth": 10.0, "max_cat_to_onehot": 8,
+            "num_threads": threads, "seed": cfg.train.seed, "verbosity": -1, "deterministic": True}
+
+
+def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int) -> dict[str, Any]:
+    import lightgbm
+
+    cfg, pp = Config.model_validate(cfg_json), Preprocessor.from_json(pp_json)
+    t0 = time.time()
+    (x_tr, y_tr), (x_va, y_va) = (_split(encoded, s, cfg, pp) for s in ("train", "valid"))
+    cats = list(range(len(pp.cat_columns)))
+    train_set = lightgbm.Dataset(x_tr, y_tr, categorical_feature=cats, free_raw_data=True)
+    valid_set = lightgbm.Dataset(x_va, y_va, categorical_feature=cats, reference=train_set)
+    curve: dict[str, Any] = {}
+    booster = lightgbm.train(params_of(cfg, threads), train_set, num_boost_round=cfg.model.num_boost_round,
+                             valid_sets=[valid_set], valid_names=["valid"],
+                             callbacks=[lightgbm.early_stopping(EARLY_STOP_ROUNDS, verbose=False),
+                                        lightgbm.record_evaluation(curve)])
+    seconds = time.time() - t0
+    best = booster.best_iteration or booster.current_iteration()
+    p = 1 / (1 + np.exp(-booster.predict(x_va, num_iteration=best, raw_score=True)))
+    valid = compute_metrics(y_va, p)
+    aucs = curve["valid"]["auc"]
+    # the curve every 10 rounds, in the deep models' history rows ("epoch" is the boosting round here)
+    history = [{"epoch": i + 1, "valid_auc": float(a)} for i, a in enumerate(aucs) if (i + 1) % 10 == 0 or i + 1 == best]
+    return {"model_text": booster.model_to_string(num_iteration=best), "best_valid_auc": float(valid["auc"]),
+            "best_iteration": int(best), "rounds_run": len(aucs), "train_rows": len(y_tr),
+            "train_seconds": seconds, "history": history, **{f"valid_{k}": v for k, v in valid.items()}}
+
+
+def fit_gbdt(cfg: Config, prep: dict) -> tuple[GBDT, dict[str, Any], dict[str, Any]]:
+    """(model, arch, metrics) of a LightGBM fit on the prepared data, run as a Ray task on the cluster."""
+    pp = prep["preprocessor"]
+    cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+    task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0))
+    out = ray.get(task.remote(cfg.model_dump(mode="json"), pp.to_json(), prep["encoded"], max(1, math.ceil(cpus))))
+    fields = fields_of(pp)
+    model = GBDT(fields, len(pp.num_columns))
+    model.set_booster_text(out.pop("model_text"))
+    arch = model_arch(cfg.model, fields, len(pp.num_columns))
+    metrics = {**out, "final": True}
+    return model.eval(), arch, metrics
