@@ -428,6 +428,27 @@ def check_given_types(sources: list[str], cfg: Config) -> None:
                                 "the train, valid and test sources need the same column types")
 
 
+RAW_EXPANSION = 10  # Arrow rows in memory per byte of source file (Parquet is compressed and dictionary-encoded)
+RAW_FRACTION = 0.25  # of the free object store
+
+
+def small_enough_to_keep(cfg: Config) -> bool:
+    """Whether the raw rows fit comfortably in the object store (file sizes x RAW_EXPANSION): prepare then
+    reads the sources once and passes over memory (on 1,400 rows in three given sources: 16-23 s -> 7-11 s),
+    instead of reading them again for the stats, the encoding and the samples. `data.materialize: false`
+    keeps them streamed."""
+    if cfg.data.materialize is False:
+        return False
+    s3 = s3_options(cfg)
+    srcs = (cfg.data.train, cfg.data.valid, cfg.data.test) if cfg.data.split.kind == "given" else (cfg.data.source,)
+    size = 0
+    for src in srcs:
+        fs, _ = storage.filesystem(src, s3)
+        size += sum(i.size or 0 for i in fs.get_file_info(storage.list_files(src, s3)))
+    free = ray.available_resources().get("object_store_memory", 0)
+    return size * RAW_EXPANSION < RAW_FRACTION * free
+
+
 def split_dataset(cfg: Config) -> tuple[ray.data.Dataset, pa.Schema]:
     """All rows of the configured sources, joined, schema-checked, with a `__split__` column and the
     `count_by` features' columns; and the raw (joined) schema with those columns."""

@@ -24,6 +24,7 @@ from training.data import (
     label_codes,
     read_errors,
     s3_options,
+    small_enough_to_keep,
     split_dataset,
     usable_rows,
 )
@@ -339,6 +340,9 @@ def prepare(cfg: Config, out_dir: str | None = None) -> dict:
     t0 = time.time()
     with console.step("read, split, profile and fit") as st:
         ds, schema = split_dataset(cfg)
+        if not cfg.features.count_features and small_enough_to_keep(cfg):  # count_by already keeps them
+            with read_errors():
+                ds = ds.materialize()
         stats = compute_stats(ds, cfg)
         pp = fit_preprocessor(stats, cfg, schema)
         prof = profile(stats, cfg)
