@@ -405,26 +405,17 @@ def time_cutoffs(ds: ray.data.Dataset, cfg: Config) -> tuple[float, float]:
     return float(c1), float(c2)
 
 
-def check_given_types(sources: list[str], cfg: Config) -> None:
+def check_given_types(schemas: list[tuple[str, pa.Schema]], cfg: Config) -> None:
     """Given splits are read as one table: a column must read the same in every source (ids as ints in
-    train and as strings in valid would meet only at the union, after the work). Compares the first
-    Parquet file's footer of each source; the error names both files and both types."""
-    s3 = s3_options(cfg)
+    train and as strings in valid would meet only at the union, after the work). Compares the schemas the
+    sources were read with; the error names each source's first file and both types."""
     seen: dict[str, tuple[pa.DataType, str]] = {}
-    for src in sources:
-        files = storage.list_files(src, s3)
-        if _format(files, cfg.data.format, src) != "parquet":
-            continue
-        fs, _ = storage.filesystem(src, s3)
-        with fs.open_input_file(files[0]) as fh:
-            schema = pq.ParquetFile(fh).schema_arrow
+    for src, schema in schemas:
         for name, t in zip(schema.names, schema.types):
-            if name not in seen:
-                seen[name] = (t, _shown(files[0], src))
-                continue
-            t0, where = seen[name]
+            t0, src0 = seen.setdefault(name, (t, src))
             if "null" not in (_kind(t), _kind(t0)) and _kind(t) != _kind(t0):
-                raise DataError(f"column {name!r} has type {t0} in {where} but {t} in {_shown(files[0], src)}: "
+                a, b = (_shown(storage.list_files(x, s3_options(cfg))[0], x) for x in (src0, src))
+                raise DataError(f"column {name!r} has type {t0} in {a} but {t} in {b}: "
                                 "the train, valid and test sources need the same column types")
 
 
@@ -454,12 +445,13 @@ def split_dataset(cfg: Config) -> tuple[ray.data.Dataset, pa.Schema]:
     `count_by` features' columns; and the raw (joined) schema with those columns."""
     sp = cfg.data.split
     if sp.kind == "given":
-        parts = []
+        parts, schemas = [], []
         for i, src in enumerate((cfg.data.train, cfg.data.valid, cfg.data.test)):
             ds, schema = _with_joins(read_source(src, cfg), cfg)
             _check_schema(schema, cfg, src)
+            schemas.append((src, schema))
             parts.append(ds.map_batches(Splitter("given", 0, 0, 0, fixed=i), batch_format="pyarrow", batch_size=None))
-        check_given_types([cfg.data.train, cfg.data.valid, cfg.data.test], cfg)
+        check_given_types(schemas, cfg)
         ds = parts[0].union(*parts[1:])
     else:
         ds, schema = _with_joins(read_source(cfg.data.source, cfg), cfg)

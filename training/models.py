@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -328,14 +329,12 @@ class GBDT(_Ranker):
     def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
         if "model_text" not in state:
             raise ValueError("GBDT state dict has no model_text")
-        self.set_booster_text(bytes(state["model_text"].cpu().numpy().tobytes()).decode())
+        self.set_booster_text(state["model_text"].cpu().numpy().tobytes().decode())
         return nn.modules.module._IncompatibleKeys([], [])
 
     @staticmethod
     def features(x_cat: Any, x_num: Any) -> Any:
         """[B, S + N] float64: the slots' ids, then the numerics (LightGBM's input)."""
-        import numpy as np
-
         x_cat, x_num = (x.cpu().numpy() if isinstance(x, Tensor) else x for x in (x_cat, x_num))
         return np.concatenate([np.asarray(x_cat, np.float64), np.asarray(x_num, np.float64)], axis=1)
 

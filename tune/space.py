@@ -101,10 +101,10 @@ def start_points(cfg: Config) -> list[dict[str, Any]]:
 def parse_space(cfg: Config) -> dict[str, Any]:
     """The search space as Ray Tune domains, keyed by config path, with `tune.start_points` checked
     against it. Raises ConfigError naming the key."""
-    if cfg.model.name == "lightgbm" or "lightgbm" in (search_space(cfg).get("model.name", {}).get("choice") or []):
+    space = search_space(cfg)
+    if cfg.model.name == "lightgbm" or "lightgbm" in (space.get("model.name", {}).get("choice") or []):
         raise ConfigError("model.name: lightgbm is trained by `rankray train`; `rankray tune` and the pipeline "
                           "search the deep models only (searching lightgbm is not built yet)")
-    space = search_space(cfg)
     out: dict[str, Any] = {}
     for key, spec in space.items():
         _check_key(cfg, key)
