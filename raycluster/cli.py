@@ -136,6 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.bundle import load_bundle
     from training.config import config_with
     from training.evaluate import evaluate_encoded, evaluate_raw, write_evaluation
+    from training.models import model_label
     from training.prepare import ensure_prepared
 
     pp, model, meta = load_bundle(args.model)
@@ -149,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                          "test": args.data, "generate": None}})
     _announce(ensure_ray(cfg, job_name=f"{cfg.run.name}-evaluate"))
     kw = {"history": meta["metrics"].get("history"),
-          "meta": {"bundle": args.model, "version": meta["version"], "model": cfg.model.name}}
+          "meta": {"bundle": args.model, "version": meta["version"], "model": model_label(meta["arch"])}}
     prep = None if args.data else ensure_prepared(cfg)
     if prep is not None and prep["preprocessor"].to_json() == pp.to_json():
         ev = evaluate_encoded(cfg, pp, model, meta["arch"], prep["encoded"], args.split, **kw)

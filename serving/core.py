@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from training.bundle import load_bundle, verify_samples
 from training.config import ServeConfig
 from training.features import OOV, DataError, Preprocessor
+from training.models import model_label
 from training.scoring import score_columns
 from serving.auth import ApiKeyGuard
 from serving.metrics import Metrics
@@ -75,11 +76,10 @@ class ServedModel:
         return np.split(scores, np.cumsum(sizes)[:-1])
 
     def info(self) -> dict[str, Any]:
-        cfg = self.meta.get("config")
         return {
             "version": self.version,
             "created_at": self.meta.get("created_at"),
-            "model": getattr(getattr(cfg, "model", None), "name", None),
+            "model": model_label(self.meta["arch"]),
             "metrics": _finite(self.meta.get("metrics", {})),
             "features": [{"name": f.name, "type": f.type, "field": f.column} for f in self.pp.spec.features],
             "self_check_max_diff": self.self_check_diff,

@@ -1,11 +1,16 @@
-"""`model.name: lightgbm` (issue 18, item 2): fitted on the encoded splits as a Ray task with early stopping
+"""`model.name: lightgbm` (issue 18, items 2-4): fitted on the encoded splits as a Ray task with early stopping
 on valid AUC, scored on test once by the driver, bundled as LightGBM's text model inside safetensors (no
 pickle anywhere), and served through the same scoring path with the same self-check: the served score
-equals the offline score."""
+equals the offline score. `rankray tune` searches it beside the deep models (a conditional space), and the
+winner can be their blend, served as one model."""
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import httpx
 import numpy as np
+import optuna
 import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
@@ -14,10 +19,11 @@ from tests.helpers import SMALL_FEATURES, served, small_table
 from training.bundle import load_bundle, verify_samples
 from training.config import ConfigError, load_config
 from training.evaluate import evaluate_raw
-from training.models import GBDT
+from training.models import GBDT, Blend
 from training.scoring import score_rows
 from training.trainer import train
-from tune.space import parse_space
+from tune.search import run_search
+from tune.space import DEFAULT_SPACE, GBDT_KEYS, parse_space, start_points
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -48,9 +54,7 @@ def test_lightgbm_bundle_round_trip_served_equals_offline_and_no_pickle(tmp_path
         assert list(f.keys()) == ["model_text"]
         text = f.get_tensor("model_text").tobytes().decode()
     assert text.startswith("tree\n") and f"Tree={m['best_iteration'] - 1}\n" in text
-    for p in sorted(__import__("pathlib").Path(res.bundle).iterdir()):
-        head = p.read_bytes()[:2]
-        assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), p.name  # pickle
+    _pickle_free(res.bundle)
 
     rows = [{"user": 3, "item": 3, "price": 20.0, "tags": "a|b", "color": "red"},
             {"user": 4, "item": 8, "price": 2.0, "tags": None, "color": None},
@@ -64,10 +68,86 @@ def test_lightgbm_bundle_round_trip_served_equals_offline_and_no_pickle(tmp_path
         np.testing.assert_allclose(r.json()["scores"], meta["samples"]["scores"], rtol=0, atol=1e-6)
 
 
-def test_search_refuses_lightgbm_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match="model.name: lightgbm"):
-        parse_space(_cfg(tmp_path))
-    deep = load_config(raw={**_cfg(tmp_path).model_dump(mode="json"), "model": {"name": "dcnv2"},
-                            "tune": {"search_space": {"model.name": {"choice": ["dcnv2", "lightgbm"]}}}})
-    with pytest.raises(ConfigError, match="model.name: lightgbm"):
-        parse_space(deep)
+def _pickle_free(bundle: str) -> None:
+    for p in sorted(Path(bundle).iterdir()):
+        head = p.read_bytes()[:2]
+        assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), p.name  # pickle
+
+
+def test_default_space_is_conditional_on_the_model_family(tmp_path):
+    cfg = load_config(raw={**_cfg(tmp_path).model_dump(mode="json"), "model": {"name": "dcnv2"}})
+    space = parse_space(cfg)  # the default space: both families
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        keys, name = set(trial.params), trial.params["model.name"]
+        seen.add(name)
+        if name == "lightgbm":
+            assert keys == {"model.name", *GBDT_KEYS} & set(DEFAULT_SPACE), keys
+        else:
+            assert keys and not keys & GBDT_KEYS, keys
+        study.tell(trial, 0.5)
+    assert seen == {"dcnv2", "lightgbm"}
+    # the default search starts from each family's defaults
+    assert [p["model.name"] for p in start_points(cfg)] == ["lightgbm", "dcnv2"]
+
+
+def test_a_key_no_trial_uses_fails_before_any_work(tmp_path):
+    base = _cfg(tmp_path).model_dump(mode="json")
+    cases = [("dcnv2", {"model.num_leaves": {"int": [7, 63]}}, "model.num_leaves: model.num_leaves is a lightgbm"),
+             ("lightgbm", {"train.lr": {"loguniform": [0.001, 0.01]}}, "train.lr: train.lr is a deep-model parameter"),
+             ("dcnv2", {"model.name": {"uniform": [0, 1]}}, "model.name: the model is searched as {choice")]
+    for name, space, msg in cases:
+        with pytest.raises(ConfigError, match=re.escape(f"tune.search_space.{msg}")):
+            parse_space(load_config(raw={**base, "model": {"name": name}, "tune": {"search_space": space}}))
+    both = {"model.name": {"choice": ["dcnv2", "lightgbm"]}, "train.lr": {"loguniform": [0.001, 0.01]},
+            "model.num_leaves": {"int": [7, 63]}}
+    bad = [{"model.name": "lightgbm", "model.num_leaves": 15, "train.lr": 0.003}]
+    with pytest.raises(ConfigError, match=re.escape("tune.start_points.0: a start point") + ".*not used: \\['train.lr'\\]"):
+        parse_space(load_config(raw={**base, "tune": {"search_space": both, "start_points": bad}}))
+
+
+def test_search_spans_lightgbm_and_deep_and_exports_a_served_blend(tmp_path, serve_url):
+    base = _cfg(tmp_path).model_dump(mode="json")
+    space = {"model.name": {"choice": ["dcnv2", "lightgbm"]}, "train.lr": {"loguniform": [0.01, 0.03]},
+             "model.num_leaves": {"choice": [7, 15]}}
+    cfg = load_config(raw={**base, "model": {"name": "dcnv2", "embedding_dim": 8, "mlp": [32], "cross_layers": 1},
+                           "train": {**base["train"], "epochs": 8, "evals_per_epoch": 1, "data_cpus": 0.5},
+                           "tune": {"num_samples": 3, "search_space": space, "blend": "always",
+                                    "start_points": [{"model.name": "lightgbm", "model.num_leaves": 15},
+                                                     {"model.name": "dcnv2", "train.lr": 0.02}],
+                                    "export_path": str(tmp_path / "winner")}})
+    res = run_search(cfg)
+    by_name = {n: [r for r in res.table if r["model.name"] == n] for n in ("lightgbm", "dcnv2")}
+    assert by_name["lightgbm"] and by_name["dcnv2"] and len(res.table) == 3, res.table
+    for r in by_name["lightgbm"]:  # a family's rows hold its own keys only; a booster runs trees, not epochs
+        assert r["train.lr"] is None and r["trees"] >= 1 and r["epochs_run"] is None and not r["error"], r
+    for r in by_name["dcnv2"]:
+        assert r["model.num_leaves"] is None and r["trees"] is None and r["epochs_run"] >= 1 and not r["error"], r
+
+    pp, model, meta = load_bundle(res.bundle)
+    assert isinstance(model, Blend) and [p["name"] for p in meta["arch"]["parts"]] == ["lightgbm", "dcnv2"]
+    blend = meta["info"]["blend"]  # weights fitted on valid; the grid's ends are each part alone
+    w = blend["weight_gbdt"]
+    assert 0 <= w <= 1 and meta["arch"]["weights"] == pytest.approx([w, 1 - w])
+    assert blend["valid_auc"] >= max(blend["gbdt_valid_auc"], blend["deep_valid_auc"]) > 0.7
+    best = {n: max(r["best_valid_auc"] for r in rows) for n, rows in by_name.items()}
+    assert blend["gbdt_valid_auc"] == pytest.approx(best["lightgbm"], abs=1e-4)
+    assert blend["deep_valid_auc"] == pytest.approx(best["dcnv2"], abs=1e-4)
+    assert res.winner["best_valid_auc"] == blend["valid_auc"] and res.winner["trial_id"].startswith("blend(")
+    assert meta["metrics"]["test_passes"] == 1 and res.winner["test"]["test_auc"] > 0.7
+    with safe_open(f"{res.bundle}/weights.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    assert "parts.0.model_text" in keys and "weights" in keys and any(k.startswith("parts.1.") for k in keys)
+    _pickle_free(res.bundle)
+
+    assert verify_samples(pp, model, meta, atol=1e-6) <= 1e-6
+    rows = meta["samples"]["rows"]
+    with served(res.bundle, "blend"):
+        r = httpx.post(f"{serve_url}/blend/predict", json={"rows": rows}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["scores"], score_rows(pp, model, rows), rtol=0, atol=1e-6)
+        info = httpx.get(f"{serve_url}/blend/model", timeout=60).json()
+        assert info["model"] == f"blend(lightgbm {w:.2f} + dcnv2 {1 - w:.2f})"

@@ -208,6 +208,9 @@ class TuneConfig(_Strict):
     reduction_factor: int = Field(default=3, ge=2)
     seed: int = 0
     export_path: str | None = None  # winner bundle (local or s3://); default RUN_DIR/winner
+    # when the search tried lightgbm and a deep model: auto = the winner is the blend of the best of each when
+    # it beats both on valid (by 0.0005 AUC); always / never = whatever valid says
+    blend: Literal["auto", "always", "never"] = "auto"
 
 
 class PipelineConfig(_Strict):

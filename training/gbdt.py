@@ -3,8 +3,9 @@ with early stopping on valid AUC, as one Ray task holding every CPU the run asks
 cpus_per_worker). The categorical slots are LightGBM's native categoricals, the numerics as encoded. The
 result is a `training.models.GBDT`, which the driver scores on test and bundles like any other model.
 
-Not yet: Ray Train's distributed LightGBM over several workers, multi-hot as bags (each slot is its own
-categorical column here), and searching it with `rankray tune`."""
+`rankray tune` searches it beside the deep models (tune.space: a conditional space; a trial fits it in its
+own process). Not yet: Ray Train's distributed LightGBM over several workers, and multi-hot as bags (each
+slot is its own categorical column here)."""
 from __future__ import annotations
 
 import math
@@ -12,27 +13,16 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
-from training import storage
 from training.config import Config
-from training.data import s3_options
 from training.evalmetrics import compute_metrics
-from training.features import LABEL, Preprocessor
+from training.features import Preprocessor
 from training.models import GBDT, model_arch
+from training.reader import read_split
 from training.scoring import fields_of
 
 EARLY_STOP_ROUNDS = 50
-
-
-def _split(encoded: str, name: str, cfg: Config, pp: Preprocessor) -> tuple[np.ndarray, np.ndarray]:
-    """One encoded split as LightGBM's input (slots, then numerics) and its labels."""
-    s3 = s3_options(cfg)
-    fs, _ = storage.filesystem(encoded, s3)
-    files = storage.list_files(storage.join(encoded, f"split={name}"), s3)
-    table = pq.read_table(files, filesystem=fs, columns=pp.cat_columns + pp.num_columns + [LABEL], partitioning=None)
-    return GBDT.features(*pp.pack(table)), table.column(LABEL).to_numpy()
 
 
 def params_of(cfg: Config, threads: int) -> dict[str, Any]:
@@ -48,7 +38,8 @@ def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int) -> dict[str, 
 
     cfg, pp = Config.model_validate(cfg_json), Preprocessor.from_json(pp_json)
     t0 = time.time()
-    (x_tr, y_tr), (x_va, y_va) = (_split(encoded, s, cfg, pp) for s in ("train", "valid"))
+    (*tr, y_tr), (*va, y_va) = (read_split(encoded, s, cfg, pp) for s in ("train", "valid"))
+    x_tr, x_va = GBDT.features(*tr), GBDT.features(*va)
     cats = list(range(len(pp.cat_columns)))
     train_set = lightgbm.Dataset(x_tr, y_tr, categorical_feature=cats, free_raw_data=True)
     valid_set = lightgbm.Dataset(x_va, y_va, categorical_feature=cats, reference=train_set)
@@ -69,12 +60,16 @@ def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int) -> dict[str, 
             "train_seconds": seconds, "history": history, **{f"valid_{k}": v for k, v in valid.items()}}
 
 
-def fit_gbdt(cfg: Config, prep: dict) -> tuple[GBDT, dict[str, Any], dict[str, Any]]:
-    """(model, arch, metrics) of a LightGBM fit on the prepared data, run as a Ray task on the cluster."""
-    pp = prep["preprocessor"]
+def fit_gbdt(cfg: Config, pp: Preprocessor, encoded: str, *, here: bool = False) -> tuple[GBDT, dict[str, Any], dict[str, Any]]:
+    """(model, arch, metrics) of a LightGBM fit on the encoded splits: as a Ray task holding num_workers x
+    cpus_per_worker CPUs, or `here` in this process (a Tune trial that already holds its CPUs)."""
     cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
-    task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0))
-    out = ray.get(task.remote(cfg.model_dump(mode="json"), pp.to_json(), prep["encoded"], max(1, math.ceil(cpus))))
+    args = (cfg.model_dump(mode="json"), pp.to_json(), encoded, max(1, math.ceil(cpus)))
+    if here:
+        out = _fit(*args)
+    else:
+        task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0))
+        out = ray.get(task.remote(*args))
     fields = fields_of(pp)
     model = GBDT(fields, len(pp.num_columns))
     model.set_booster_text(out.pop("model_text"))

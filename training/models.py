@@ -326,11 +326,14 @@ class GBDT(_Ranker):
         self.model_text = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         self._booster = lightgbm.Booster(model_str=text)
 
-    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
-        if "model_text" not in state:
-            raise ValueError("GBDT state dict has no model_text")
-        self.set_booster_text(state["model_text"].cpu().numpy().tobytes().decode())
-        return nn.modules.module._IncompatibleKeys([], [])
+    def _load_from_state_dict(self, state: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        # the booster is rebuilt from the text (the zero-length buffer cannot take a copy): alone or in a Blend
+        key = prefix + "model_text"
+        if key not in state:
+            missing_keys.append(key)
+            return
+        self.set_booster_text(state[key].cpu().numpy().tobytes().decode())
 
     @staticmethod
     def features(x_cat: Any, x_num: Any) -> Any:
@@ -343,6 +346,34 @@ class GBDT(_Ranker):
             raise ValueError("the GBDT model is not trained (no booster loaded)")
         raw = self._booster.predict(self.features(x_cat, x_num), raw_score=True)
         return torch.as_tensor(raw, dtype=torch.float32, device=x_cat.device)
+
+
+class Blend(nn.Module):
+    """The search's winner when mixing helps: logits = sum_i w_i * logit_i over its parts (the best GBDT and
+    the best deep trial), the weights fitted on the validation split (tune.search.blend_winner)."""
+
+    def __init__(self, parts: Sequence[nn.Module], weights: Sequence[float]) -> None:
+        super().__init__()
+        if len(parts) != len(weights) or len(parts) < 2:
+            raise ValueError(f"a blend needs two or more parts, one weight each; got {len(parts)} and {len(weights)}")
+        self.parts = nn.ModuleList(parts)
+        self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
+
+    def forward(self, x_cat: Tensor, x_num: Tensor) -> Tensor:
+        return sum(w * m(x_cat, x_num) for w, m in zip(self.weights.tolist(), self.parts))
+
+
+def blend_arch(parts: Sequence[dict[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
+    """The arch of a Blend: its parts' archs (same input layout) and weights."""
+    return {"version": ARCH_VERSION, "name": "blend", "parts": list(parts), "weights": [float(w) for w in weights],
+            "fields": parts[0]["fields"], "num_numeric": parts[0]["num_numeric"]}
+
+
+def model_label(arch: dict[str, Any]) -> str:
+    """`dcnv2`, or `blend(lightgbm 0.62 + dcnv2 0.38)`."""
+    if arch.get("name") != "blend":
+        return str(arch.get("name"))
+    return "blend(" + " + ".join(f"{p['name']} {w:.2f}" for p, w in zip(arch["parts"], arch["weights"])) + ")"
 
 
 # the models trained by gradient steps (the training loop); "lightgbm" (GBDT) is fitted by training.gbdt
@@ -374,6 +405,8 @@ def model_arch(cfg: ModelConfig, fields: Sequence[FieldSpec], num_numeric: int) 
 
 def model_from_arch(arch: dict[str, Any], sparse: bool = False) -> nn.Module:
     """Rebuild the (untrained) model described by `model_arch`; then load its state dict."""
+    if arch.get("name") == "blend":
+        return Blend([model_from_arch(p, sparse) for p in arch["parts"]], arch["weights"])
     missing = [k for k in ("version", "hparams", "fields", "num_numeric") if k not in arch]
     if missing:
         raise ValueError(f"model arch is missing keys {missing}")

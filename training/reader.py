@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -14,7 +16,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from training import storage
 from training.config import Config
 from training.data import SPLIT_NAMES, read_parquet_files, s3_options
-from training.features import Preprocessor
+from training.features import LABEL, Preprocessor
 
 MATERIALIZE_FRACTION = 0.25  # of the free object store: leave room for Ray Data's own blocks
 CHUNK_ROWS = 32768  # rows per Ray Data batch (chunk), at least: a whole number of loop batches
@@ -41,6 +43,16 @@ def encoded_datasets(encoded_dir: str, cfg: Config, prep: dict | None = None,
         if "train" in out:
             out["train"] = out["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(seed))
     return out
+
+
+def read_split(encoded_dir: str, name: str, cfg: Config, pp: Preprocessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One encoded split whole, in this process, packed: (x_cat [B, S], x_num [B, N], labels [B]). For what
+    needs every row at once: a LightGBM fit, the blend's weights."""
+    s3 = s3_options(cfg)
+    fs, _ = storage.filesystem(encoded_dir, s3)
+    files = storage.list_files(storage.join(encoded_dir, f"split={name}"), s3)
+    table = pq.read_table(files, filesystem=fs, columns=pp.cat_columns + pp.num_columns + [LABEL], partitioning=None)
+    return (*pp.pack(table), table.column(LABEL).to_numpy())
 
 
 def _materialize(cfg: Config, prep: dict) -> bool:

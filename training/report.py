@@ -37,7 +37,9 @@ def _num(v: Any) -> bool:
 
 
 def fmt(v: Any) -> str:
-    """Display format shared by tables and legends; 4 decimals keeps small AUC deltas visible."""
+    """Display format shared by tables and legends; 4 decimals keeps small AUC deltas visible; None is "-"."""
+    if v is None:
+        return "-"
     if not _num(v) or not math.isfinite(f := float(v)):
         return str(v)
     if f.is_integer() and abs(f) < 1e15:  # counts arrive as floats (rows=4000.0)

@@ -22,7 +22,7 @@ from training.evaluate import evaluate_encoded, passes
 from training.features import Preprocessor
 from training.gbdt import fit_gbdt
 from training.loop import Plan, train_loop
-from training.models import model_arch, model_from_arch
+from training.models import model_arch, model_from_arch, model_label
 from training.prepare import ensure_prepared
 from training.reader import encoded_datasets
 from training.resources import check_resources, resolve_device
@@ -100,7 +100,7 @@ def finish(cfg: Config, prep: dict, model: Any, arch: dict, metrics: dict[str, A
     before = passes["test"]
     with console.step("test") as st:
         ev = evaluate_encoded(cfg, prep["preprocessor"], model, arch, prep["encoded"], "test", history=history,
-                              meta={"model": cfg.model.name, "run": cfg.run.name})
+                              meta={"model": model_label(arch), "run": cfg.run.name})
         st["done"] = f"{ev['rows']:,} rows, AUC {ev['metrics']['auc']:.4f}"
     test = {f"test_{k}": v for k, v in ev["metrics"].items()}
     test["test_passes"] = passes["test"] - before
@@ -134,7 +134,7 @@ def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None =
     bundle = (bundle_path or storage.join(cfg.run_dir, "model")) if write_bundle else None
     if cfg.model.name == "lightgbm":  # a booster, not gradient steps: one Ray task (training.gbdt)
         with console.step(f"train lightgbm: {rows:,} rows, {t.num_workers * t.cpus_per_worker:g} CPU") as st:
-            model, arch, metrics = fit_gbdt(cfg, prep)
+            model, arch, metrics = fit_gbdt(cfg, pp, prep["encoded"])
             st["done"] = (f"{metrics['best_iteration']} trees (of {metrics['rounds_run']} rounds), "
                           f"valid AUC {metrics['best_valid_auc']:.4f}")
         return TrainResult(finish(cfg, prep, model, arch, metrics, bundle), bundle, name, time.time() - t0)

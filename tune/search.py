@@ -19,31 +19,38 @@ import io
 import json
 import math
 import os
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 import ray
 import ray.train
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from training import console, storage
+from training.checkpoint import TrainState, save_checkpoint, weights_of
 from training.config import Config, ConfigError, config_with, dump_config, fingerprint
 from training.data import s3_options
+from training.evalmetrics import roc_auc
 from training.features import Preprocessor
+from training.gbdt import fit_gbdt
 from training.loop import TuneSession, run_loop
 from training.prepare import ensure_prepared
-from training.reader import encoded_datasets
+from training.models import Blend, blend_arch, model_label
+from training.reader import encoded_datasets, read_split
 from training.report import fmt, results_page, svg_line_chart
+from training.scoring import forward
 from training.resources import check_resources, dashboard_url, resolve_device
 from training.sizing import sized
 from training.trainer import FIT_SPLITS, best_model, finish, loop_config, make_trainer, quiet, storage_location
-from tune.space import parse_space, search_space, start_points, trial_config, trial_params
+from tune.space import GBDT, model_names, parse_space, search_space, start_points, trial_config, trial_params
 
 METRIC = "best_valid_auc"  # in every report (epoch and final); best-so-far is what early stopping compares
 TIME_ATTR = "epoch"
@@ -81,11 +88,14 @@ def _abs(path: str) -> str:
     return path if storage.is_s3(path) else os.path.abspath(path)
 
 
-def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, train_rows: int,
+def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, encoded: str, train_rows: int,
            trials_dir: str, use_gpu: bool) -> None:
-    """One trial: this trial's config -> the loop here (one worker), or TorchTrainer.fit() with
-    TuneReportCallback carrying the reports."""
+    """One trial: this trial's config -> a LightGBM fit, the loop here (one worker), or TorchTrainer.fit()
+    with TuneReportCallback carrying the reports."""
     cfg = config_with(trial_config(Config.model_validate(base), params), {"train.storage_path": trials_dir})
+    if cfg.model.name == GBDT:
+        _gbdt_trial(cfg, pp_json, encoded)
+        return
     if cfg.train.num_workers == 1:
         quiet(datasets)
         run_loop(loop_config(cfg, pp_json, train_rows), TuneSession(datasets, use_gpu))
@@ -94,6 +104,19 @@ def _trial(params: dict[str, Any], *, base: dict, pp_json: str, datasets: dict, 
     trainer = make_trainer(cfg, Preprocessor.from_json(pp_json), datasets, trial_id, train_rows,
                            callbacks=[TuneReportCallback()])
     trainer.fit()  # same run name on restore: Train resumes from the trial's latest checkpoint
+
+
+def _gbdt_trial(cfg: Config, pp_json: str, encoded: str) -> None:
+    """A lightgbm trial: one fit (early stopping on valid inside it; in this process when the trial holds
+    the CPUs, else as a task on the Train workers' share) and one report with its checkpoint. The report has
+    no epoch: ASHA's rungs compare deep trials at equal epochs, and pass this one by."""
+    model, arch, m = fit_gbdt(cfg, Preprocessor.from_json(pp_json), encoded, here=cfg.train.num_workers == 1)
+    report = {**{k: v for k, v in m.items() if k.startswith("valid_")}, METRIC: m["best_valid_auc"],
+              "trees": m["best_iteration"], "rounds_run": m["rounds_run"], "final": True,
+              "history": json.dumps(m["history"])}
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, model, weights_of(model), [], TrainState(best_auc=m["best_valid_auc"]), arch)
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 class TrialClock(tune.Callback):
@@ -128,6 +151,9 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     # Tune snapshots the experiment state every num_to_keep (2) checkpoints of a trial and warns when
     # that happens more than once in 5 s, which fast one-worker trials do: a few small files, kept quiet
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not console.verbose():  # Tune's new console prints its settings box and paths even at verbose=0; Optuna
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # says "a new study created": the search's bar says it all
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     s3 = s3_options(cfg)
     root = _abs(storage.join(cfg.run_dir, "tune"))
     path, fs = storage_location(root, cfg)
@@ -135,6 +161,7 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.model_dump(mode="json"), pp_json=prep["preprocessor"].to_json(),
                              datasets=encoded_datasets(prep["encoded"], cfg, prep, FIT_SPLITS),
+                             encoded=_abs(prep["encoded"]),
                              train_rows=prep["profile"]["rows_by_split"]["train"],
                              trials_dir=storage.join(root, f"{name}-trials"), use_gpu=use_gpu),
         {"cpu": cfg.train.cpus_per_worker, "gpu": int(use_gpu)} if in_trial else DRIVER_RESOURCES)
@@ -153,20 +180,18 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
     storage.write_text(fp_file, fp, s3)
     tc = cfg.tune
     first = start_points(cfg) or None
-    if random_search:  # Tune's random sampling of the same space, seeded
-        search_alg = BasicVariantGenerator(points_to_evaluate=first, random_state=tc.seed,
-                                           max_concurrent=tc.max_concurrent_trials)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)),
-                                             multivariate=True)
-        search_alg = OptunaSearch(sampler=sampler, points_to_evaluate=first)
+    # define-by-run (the space is conditional on model.name); TPE models each family's keys apart (group,
+    # which Optuna marks experimental: said once here, not in every search's console)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = optuna.samplers.RandomSampler(seed=tc.seed) if random_search else optuna.samplers.TPESampler(
+        seed=tc.seed, n_startup_trials=max(2, min(10, tc.num_samples // 3)), multivariate=True, group=True)
+    search_alg = OptunaSearch(space=space, metric=METRIC, mode="max", sampler=sampler, points_to_evaluate=first)
     # max_t one past the last epoch: ASHA's cap never cuts the final report (and its checkpoint); the trial
     # ends itself after it
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs + 1, grace_period=tc.grace_period,
                               reduction_factor=tc.reduction_factor) if asha else None
     return tune.Tuner(
         trainable,
-        param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent_trials,
                                     reuse_actors=in_trial),
@@ -181,14 +206,16 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
 
 def results_table(grid: Any, cfg: Config, clock: TrialClock | None = None) -> list[dict[str, Any]]:
     """One row per trial: id, params, best valid AUC, epochs, stopped early (by whom), wall time."""
-    rows = []
+    rows, keys, trees = [], list(search_space(cfg)), GBDT in model_names(cfg)
     for r in grid:
         m = r.metrics or {}
         trial_id = m.get("trial_id") or os.path.basename(r.path or "")
         done = bool(m.get("final"))  # not Tune's reserved "done": that would end the trial early
         stopped = "asha" if not done and r.error is None else ("patience" if m.get("stopped_early") else "")
-        row: dict[str, Any] = {"trial": trial_id, **trial_params(cfg, r.config),
+        params = trial_params(cfg, r.config)  # a trial has its own family's keys: the others are "-"
+        row: dict[str, Any] = {"trial": trial_id, **{k: params.get(k) for k in keys},
                                "best_valid_auc": m.get(METRIC), "epochs_run": m.get(TIME_ATTR),
+                               **({"trees": m.get("trees")} if trees else {}),
                                "stopped_early": bool(stopped), "stopped_by": stopped or "-",
                                "wall_s": m.get("time_total_s"),
                                "error": type(r.error).__name__ if r.error else ""}
@@ -216,7 +243,7 @@ def _charts(grid: Any, cfg: Config) -> list[str]:
         if curves else []
     for key, spec in search_space(cfg).items():
         log = "loguniform" in spec
-        pts = [(trial_params(cfg, r.config)[key], (r.metrics or {}).get(METRIC)) for r in grid]
+        pts = [(trial_params(cfg, r.config).get(key), (r.metrics or {}).get(METRIC)) for r in grid]
         pts = [(math.log10(x) if log else x, y) for x, y in pts if _finite(x) and _finite(y) and (x > 0 or not log)]
         if pts:
             xs, ys = zip(*pts)
@@ -292,25 +319,82 @@ def _checkpointed(r: Any, cfg: Config) -> tuple[Any, dict] | None:
     return ray.train.Checkpoint(path, filesystem=fs), r.metrics
 
 
+MIN_BLEND_GAIN = 0.0005  # valid AUC a blend must add over the better of its two parts to be the winner
+BLEND_GRID = 20  # the GBDT's weight is tried at 0, 1/20, ..., 1 (the deep model's is 1 - that)
+
+
+def _logits(model: Any, x_cat: np.ndarray, x_num: np.ndarray, batch: int = 65536) -> np.ndarray:
+    p = np.concatenate([forward(model, x_cat[i:i + batch], x_num[i:i + batch]) for i in range(0, len(x_cat), batch)])
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def fit_blend(cfg: Config, prep: dict, gbdt: tuple[Any, dict], deep: tuple[Any, dict]) -> dict[str, Any]:
+    """The GBDT's weight w (the deep model's 1 - w) that maximises valid AUC of w * logit_gbdt +
+    (1 - w) * logit_deep, with the valid AUC of each part and of the blend."""
+    x_cat, x_num, y = read_split(prep["encoded"], "valid", cfg, prep["preprocessor"])
+    zg, zd = (_logits(m, x_cat, x_num) for m, _ in (gbdt, deep))
+    aucs = [(float(roc_auc(y, 1 / (1 + np.exp(-(w / BLEND_GRID * zg + (1 - w / BLEND_GRID) * zd))))), w / BLEND_GRID)
+            for w in range(BLEND_GRID + 1)]
+    auc, w = max(aucs)
+    return {"weight_gbdt": w, "valid_auc": auc, "gbdt_valid_auc": aucs[-1][0], "deep_valid_auc": aucs[0][0]}
+
+
+def _valid_auc(rc: tuple[Any, tuple[Any, dict]]) -> float:
+    return rc[1][1][METRIC]
+
+
 def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, Any]:
-    """Best valid trial among those with a checkpoint (AUC as of that checkpoint): its best weights,
-    scored on test (the search's only pass over test), bundled atomically."""
+    """Best valid trial among those with a checkpoint (AUC as of that checkpoint), or, when the search tried
+    both families and a blend of the best LightGBM and the best deep trial beats both on valid by
+    MIN_BLEND_GAIN, that blend: scored on test (the search's only pass over test), bundled atomically."""
     ok = [(r, c) for r in grid if r.error is None and (c := _checkpointed(r, cfg)) and _finite(c[1].get(METRIC))]
     if not ok:
         errors = [f"{os.path.basename(r.path or '?')}: {r.error}" for r in grid if r.error is not None]
         raise RuntimeError("no trial checkpointed a validation AUC"
                            + (": " + "; ".join(errors[:3]) if errors else ""))
-    best, (ckpt, reported) = max(ok, key=lambda rc: rc[1][1][METRIC])
-    params = trial_params(cfg, best.config)
-    wcfg = trial_config(cfg, params)
-    model, arch = best_model(ckpt, wcfg, prep["preprocessor"])
-    trial_id = reported.get("trial_id")
-    info = {"trial_id": trial_id, "params": params,
-            "search": storage.join(cfg.run_dir, "tune", "search")}
-    metrics = {k: v for k, v in reported.items() if _finite(v) or isinstance(v, (str, bool))}
-    out = finish(wcfg, prep, model, arch, metrics, path, info=info)
-    return {"trial_id": trial_id, "params": params, "best_valid_auc": reported[METRIC],
+
+    def load(rc: tuple[Any, tuple[Any, dict]]) -> dict[str, Any]:
+        params = trial_params(cfg, rc[0].config)
+        wcfg = trial_config(cfg, params)
+        model, arch = best_model(rc[1][0], wcfg, prep["preprocessor"])
+        return {"model": model, "arch": arch, "cfg": wcfg, "params": params, "trial_id": rc[1][1].get("trial_id"),
+                "valid_auc": _valid_auc(rc), "metrics": {k: v for k, v in rc[1][1].items()
+                                                         if _finite(v) or isinstance(v, (str, bool))}}
+
+    w = load(max(ok, key=_valid_auc))
+    info: dict[str, Any] = {"trial_id": w["trial_id"], "params": w["params"],
+                            "search": storage.join(cfg.run_dir, "tune", "search")}
+    is_gbdt = [trial_config(cfg, trial_params(cfg, r.config)).model.name == GBDT for r, _ in ok]
+    gbdts, deeps = [rc for rc, g in zip(ok, is_gbdt) if g], [rc for rc, g in zip(ok, is_gbdt) if not g]
+    if gbdts and deeps and cfg.tune.blend != "never":
+        w, info["blend"] = _blend(cfg, prep, load(max(gbdts, key=_valid_auc)), load(max(deeps, key=_valid_auc)), w)
+        info.update(trial_id=w["trial_id"], params=w["params"])
+    out = finish(w["cfg"], prep, w["model"], w["arch"], w["metrics"], path, info=info)
+    return {"trial_id": w["trial_id"], "params": w["params"], "best_valid_auc": w["valid_auc"],
             "test": {k: v for k, v in out.items() if k.startswith("test_")}}
+
+
+def _blend(cfg: Config, prep: dict, gbdt: dict, deep: dict, best: dict) -> tuple[dict, dict]:
+    """(the winner: the blend of the two trials when it beats both on valid by MIN_BLEND_GAIN, else `best`;
+    the blend's record for the bundle's info)."""
+    with console.step("blend: best lightgbm + best deep trial, weights on valid") as st:
+        b = fit_blend(cfg, prep, (gbdt["model"], gbdt["arch"]), (deep["model"], deep["arch"]))
+        better = cfg.tune.blend == "always" or b["valid_auc"] >= max(b["gbdt_valid_auc"], b["deep_valid_auc"]) \
+            + MIN_BLEND_GAIN
+        st["done"] = (f"lightgbm x {b['weight_gbdt']:.2f} + {deep['cfg'].model.name} x {1 - b['weight_gbdt']:.2f}: "
+                      f"valid AUC {b['valid_auc']:.4f} vs {b['gbdt_valid_auc']:.4f} / {b['deep_valid_auc']:.4f}: "
+                      + ("the blend wins" if better else f"not {MIN_BLEND_GAIN} better: the best trial wins"))
+    record = {**b, "trials": [gbdt["trial_id"], deep["trial_id"]], "chosen": better}
+    if not better:
+        return best, record
+    weights = [b["weight_gbdt"], 1 - b["weight_gbdt"]]
+    arch = blend_arch([gbdt["arch"], deep["arch"]], weights)
+    return {"model": Blend([gbdt["model"], deep["model"]], weights), "arch": arch,
+            "cfg": deep["cfg"],  # the bundle's settings are the deep trial's; the arch holds both parts
+            "params": {"blend": model_label(arch), gbdt["trial_id"]: gbdt["params"], deep["trial_id"]: deep["params"]},
+            "trial_id": f"blend({gbdt['trial_id']} + {deep['trial_id']})", "valid_auc": b["valid_auc"],
+            "metrics": {METRIC: b["valid_auc"], "final": True}}, record
 
 
 def winner_path(cfg: Config) -> str:

@@ -1,9 +1,16 @@
-"""`tune.search_space` from the config -> Ray Tune domains, checked before any trial starts.
+"""`tune.search_space` from the config -> a conditional space Optuna samples define-by-run, checked before
+any trial starts.
 
 Keys are config paths (`train.lr`, `model.embedding_dim`, `model.mlp`, ...); values are one of
 `{loguniform: [a, b]}`, `{uniform: [a, b]}`, `{int: [a, b]}` (both ends included) or
 `{choice: [...]}`. Only `model.*` and `train.*` keys can be searched: the data and features are
 prepared once per search, and the resources of a trial are fixed so trials never starve Ray Data.
+
+The space spans model families: `model.name` may itself be searched (`{choice: [dcnv2, lightgbm]}`), and
+each key belongs to a family: `model.num_leaves`, `model.min_data_in_leaf`, `model.gbdt_learning_rate` and
+`model.num_boost_round` to `lightgbm`; every other `model.*` and `train.*` key (but `train.seed`) to the
+deep models. A trial samples `model.name` first, then only its own family's keys: a LightGBM trial never
+draws a learning rate it would ignore, and TPE models each family apart (`group=True`).
 """
 from __future__ import annotations
 
@@ -11,15 +18,25 @@ import json
 import math
 from typing import Any
 
-from ray import tune
-
 from training.config import Config, ConfigError, config_with
 
 KINDS = ("loguniform", "uniform", "int", "choice")
-# used when tune.search_space is empty: the knobs that matter most for the default dcnv2
-DEFAULT_SPACE: dict[str, dict[str, Any]] = {"train.lr": {"loguniform": [0.001, 0.01]},
+GBDT = "lightgbm"
+GBDT_KEYS = frozenset({"model.num_leaves", "model.min_data_in_leaf", "model.gbdt_learning_rate",
+                       "model.num_boost_round"})
+SHARED_KEYS = frozenset({"model.name", "train.seed"})
+# used when tune.search_space is empty: both families, with the knobs that matter most for each
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", GBDT]},
+                                            "train.lr": {"loguniform": [0.001, 0.01]},
                                             "model.embedding_dim": {"choice": [8, 16, 32]},
-                                            "model.cross_layers": {"int": [1, 3]}}
+                                            "model.cross_layers": {"int": [1, 3]},
+                                            "model.num_leaves": {"choice": [15, 31, 63, 127]},
+                                            "model.min_data_in_leaf": {"choice": [20, 50, 100]},
+                                            "model.gbdt_learning_rate": {"loguniform": [0.02, 0.1]}}
+# ... and its first two trials: each family at its defaults (TPE's random start then explores around them)
+DEFAULT_START: list[dict[str, Any]] = [
+    {"model.name": GBDT, "model.num_leaves": 63, "model.min_data_in_leaf": 50, "model.gbdt_learning_rate": 0.05},
+    {"model.name": "dcnv2", "train.lr": 0.005, "model.embedding_dim": 16, "model.cross_layers": 3}]
 # fixed for the whole search: resources, storage and the trial's own bookkeeping
 FIXED = {"train.num_workers", "train.cpus_per_worker", "train.data_cpus", "train.torch_threads", "train.use_gpu",
          "train.storage_path", "train.max_failures", "train.log_every"}
@@ -75,16 +92,65 @@ def search_space(cfg: Config) -> dict[str, dict[str, Any]]:
     return cfg.tune.search_space or DEFAULT_SPACE
 
 
+def family(key: str) -> str | None:
+    """`lightgbm` or `deep`: the model family a key belongs to (None: every trial samples it)."""
+    return None if key in SHARED_KEYS else GBDT if key in GBDT_KEYS else "deep"
+
+
+def _family_of(name: str) -> str:
+    return GBDT if name == GBDT else "deep"
+
+
+def model_names(cfg: Config) -> list[str]:
+    """The model names a trial may have: `model.name`'s choices when it is searched, else the config's."""
+    spec = search_space(cfg).get("model.name")
+    if spec is None:
+        return [cfg.model.name]
+    if not (isinstance(spec, dict) and isinstance(spec.get("choice"), list) and len(spec) == 1):
+        raise ConfigError(f"{_where('model.name')}: the model is searched as {{choice: [...]}}, got {spec!r}")
+    return list(spec["choice"])
+
+
+def keys_for(cfg: Config, name: str) -> list[str]:
+    """The keys of the space a trial of model `name` samples."""
+    return [k for k in search_space(cfg) if family(k) in (None, _family_of(name))]
+
+
+class Space:
+    """The checked space as Optuna's define-by-run function (picklable, so a restored search has it):
+    `model.name` first, then that family's keys. Choice values are encoded (`_scalar`)."""
+
+    def __init__(self, specs: dict[str, tuple[str, Any]], base_name: str) -> None:
+        self.specs, self.base_name = specs, base_name
+
+    def __call__(self, trial: Any) -> None:
+        name = self._suggest(trial, "model.name") if "model.name" in self.specs else self.base_name
+        for key in self.specs:
+            if key != "model.name" and family(key) in (None, _family_of(name)):
+                self._suggest(trial, key)
+
+    def _suggest(self, trial: Any, key: str) -> Any:
+        kind, arg = self.specs[key]
+        if kind == "choice":
+            return trial.suggest_categorical(key, arg)
+        if kind == "int":
+            return trial.suggest_int(key, *arg)
+        return trial.suggest_float(key, *arg, log=kind == "loguniform")
+
+
 def start_points(cfg: Config) -> list[dict[str, Any]]:
-    """`tune.start_points`, encoded as the sampled values are: the searcher's first trials. Each point
-    gives every key of the search space, inside its range or among its choices."""
+    """`tune.start_points` (with the default space and none given: DEFAULT_START), encoded as the sampled
+    values are: the searcher's first trials. Each point gives `model.name` when it is searched and every key
+    of that model's family in the space, inside its range or among its choices."""
     space, out = search_space(cfg), []
-    for i, point in enumerate(cfg.tune.start_points):
+    points = cfg.tune.start_points or ([] if cfg.tune.search_space else DEFAULT_START)
+    for i, point in enumerate(points):
         where = f"tune.start_points.{i}"
-        missing, extra = sorted(set(space) - set(point)), sorted(set(point) - set(space))
+        want = set(keys_for(cfg, point.get("model.name", cfg.model.name)))
+        missing, extra = sorted(want - set(point)), sorted(set(point) - want)
         if missing or extra:
-            raise ConfigError(f"{where}: a start point gives every key of the search space and no other "
-                              f"(missing: {missing}, not in the space: {extra})")
+            raise ConfigError(f"{where}: a start point gives every key of the search space that its model uses "
+                              f"(model.name's family) and no other (missing: {missing}, not used: {extra})")
         enc = {}
         for key, v in point.items():
             kind, arg = next(iter(space[key].items()))
@@ -98,19 +164,23 @@ def start_points(cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
-def parse_space(cfg: Config) -> dict[str, Any]:
-    """The search space as Ray Tune domains, keyed by config path, with `tune.start_points` checked
-    against it. Raises ConfigError naming the key."""
+def parse_space(cfg: Config) -> Space:
+    """The search space, checked (every key, every end of a range, every choice, the families against the
+    model names, `tune.start_points`). Raises ConfigError naming the key."""
     space = search_space(cfg)
-    if cfg.model.name == "lightgbm" or "lightgbm" in (space.get("model.name", {}).get("choice") or []):
-        raise ConfigError("model.name: lightgbm is trained by `rankray train`; `rankray tune` and the pipeline "
-                          "search the deep models only (searching lightgbm is not built yet)")
-    out: dict[str, Any] = {}
+    names = model_names(cfg)
+    families = {_family_of(n) for n in names}
+    specs: dict[str, tuple[str, Any]] = {}
     for key, spec in space.items():
         _check_key(cfg, key)
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in KINDS):
             raise ConfigError(f"{_where(key)}: expected one of {{{', '.join(k + ': ...' for k in KINDS)}}}, "
                               f"got {spec!r}")
+        fam = family(key)
+        if fam is not None and fam not in families:
+            what = "a lightgbm parameter" if fam == GBDT else "a deep-model parameter (lightgbm does not use it)"
+            raise ConfigError(f"{_where(key)}: {key} is {what}, and no trial trains such a model "
+                              f"(model.name: {' or '.join(names)}); search model.name too, or drop {key}")
         kind, arg = next(iter(spec.items()))
         if kind == "choice":
             if not isinstance(arg, list) or not arg:
@@ -118,22 +188,21 @@ def parse_space(cfg: Config) -> dict[str, Any]:
             for v in arg:
                 _check_value(cfg, key, v)
             # Optuna's categorical values must be scalars: lists (model.mlp) travel as JSON text
-            out[key] = tune.choice([v if _scalar(v) else JSON + json.dumps(v) for v in arg])
+            specs[key] = (kind, [v if _scalar(v) else JSON + json.dumps(v) for v in arg])
             continue
         lo, hi = _bounds(key, kind, arg)
         if kind == "int":
             lo, hi = int(lo), int(hi)
         for v in (lo, hi):
             _check_value(cfg, key, v)
-        out[key] = {"loguniform": tune.loguniform, "uniform": tune.uniform}[kind](lo, hi) if kind != "int" \
-            else tune.randint(lo, hi + 1)
+        specs[key] = (kind, [lo, hi])
     start_points(cfg)
-    return out
+    return Space(specs, cfg.model.name)
 
 
 def trial_params(cfg: Config, config: dict[str, Any] | None) -> dict[str, Any]:
-    """A trial's sampled values for the search-space keys, as plain Python values (lists decoded)."""
-    return {k: _plain((config or {}).get(k)) for k in search_space(cfg)}
+    """A trial's sampled values (its family's keys of the space), as plain Python values (lists decoded)."""
+    return {k: _plain(config[k]) for k in search_space(cfg) if k in (config or {})}
 
 
 def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
