@@ -3,7 +3,7 @@ small data gets enough steps and patience, large data a few epochs with evaluati
 import pytest
 
 from training.config import load_config
-from training.loop import Plan
+from training.loop import LR_FLOOR, WARMUP_MAX, WARMUP_SHARE, Plan, lr_factor
 from training.sizing import BUDGET_STEPS, sized
 
 BASE = {"data": {"source": "x.parquet"}, "features": {"label": "y", "features": [{"name": "a", "type": "categorical"}]}}
@@ -51,3 +51,16 @@ def test_auto_or_a_positive_number_only():
         _cfg(epochs="many")
     with pytest.raises(ConfigError, match="train.batch_size"):
         _cfg(batch_size=0)
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth_and_resumes_on_the_same_curve():
+    total = 4000
+    f = [lr_factor(s, total, "warmup_cosine") for s in range(total)]
+    warm = min(WARMUP_MAX, int(WARMUP_SHARE * total))
+    assert f[0] == pytest.approx(1 / warm) and f[warm - 1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:warm - 1], f[1:warm]))  # rising through the warm-up
+    assert all(a >= b for a, b in zip(f[warm:], f[warm + 1:]))  # then never rising
+    assert f[-1] == pytest.approx(LR_FLOOR, abs=1e-5) and f[(warm + total) // 2] == pytest.approx(0.55, abs=1e-3)
+    assert lr_factor(10 * total, total, "warmup_cosine") == pytest.approx(LR_FLOOR)  # past the budget: the floor
+    assert warm > 1 and lr_factor(WARMUP_MAX - 1, 10**8, "warmup_cosine") == pytest.approx(1.0)  # warm-up capped
+    assert {lr_factor(s, total, "constant") for s in (0, 1000, 3999)} == {1.0}

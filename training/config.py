@@ -178,6 +178,9 @@ class TrainConfig(_Strict):
     optimizer: Literal["adam", "adagrad", "sparse_adam"] = "adam"
     lr: float = Field(default=5e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    # warm-up over the first 1% of steps (at most 500), then cosine decay to lr/10 at the end of train.epochs
+    # (training.loop.lr_factor); "constant" keeps train.lr throughout
+    lr_schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
     # "auto" (the default) sizes these four from the train split's rows (training.sizing): budgets in
     # steps, patience in epochs, so 50k rows and 10M rows both train well without hand-setting
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # global: split across workers

@@ -34,9 +34,26 @@ from training.scoring import Autocast, fields_of, forward
 
 SPARSE_OPTIMIZERS = ("sparse_adam",)
 PROGRESS_EVERY_S = 1.0  # rank 0 tells the driver's progress line where it is at most this often
+# train.lr_schedule "warmup_cosine": linear warm-up over the first 1% of the run's steps (at most 500), then a
+# cosine from train.lr down to a tenth of it at the last step of train.epochs. Measured (rankray train, dcnv2,
+# test AUC vs constant): 1M generated rows 0.7867 vs 0.7843 (Bayes ratio 0.925 vs 0.917); 50k rows 0.7359 /
+# 0.7425 vs 0.7349 / 0.7457 (seeds 0 / 1); a 5% warm-up lost 0.004 / 0.035 on 50k rows, which stop at epoch 1-2
+WARMUP_SHARE, WARMUP_MAX, LR_FLOOR = 0.01, 500, 0.1
 
 
 # ---------------------------------------------------------------- optimizers and small pieces
+def lr_factor(step: int, total: int, schedule: str) -> float:
+    """The share of train.lr at optimizer step `step` (0-based) of a run of `total` steps. A function of the
+    step alone, so a resumed run continues the same curve."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, min(WARMUP_MAX, int(WARMUP_SHARE * total)))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def make_optimizers(model: torch.nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
     t = cfg.train
     if t.optimizer == "adagrad":
@@ -281,7 +298,11 @@ def run_epoch(model: torch.nn.Module, opts: list, session: Session, pp: Preproce
         if t.grad_clip:
             dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
             torch.nn.utils.clip_grad_norm_(dense, t.grad_clip)
+        lr = t.lr * lr_factor((epoch - 1) * plan.steps_per_epoch + steps, t.epochs * plan.steps_per_epoch,
+                              t.lr_schedule)
         for o in opts:
+            for g in o.param_groups:
+                g["lr"] = lr
             o.step()
         steps += 1
         clock["first_step_at"] = clock["first_step_at"] or time.time()
