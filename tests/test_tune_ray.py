@@ -3,6 +3,7 @@ a bad search space refused before any trial runs. One-worker trials run the loop
 several-worker trials fit a TorchTrainer each. The shared Ray runs the dashboard (127.0.0.1): Ray Train's
 clean-up of ASHA-stopped trials asks its state API."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -176,7 +177,7 @@ def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_pat
     """A one-worker trial runs in Tune's trial process: killed, Tune retries it (train.max_failures) and
     it resumes from its latest checkpoint."""
     raw = _raw(gen_dir, tmp_path, name="retry", num_samples=1)
-    raw["train"].update({"epochs": 8, "batch_size": 128, "max_failures": 1, "patience": 100,  # ~2 s an epoch
+    raw["train"].update({"epochs": 5, "batch_size": 128, "max_failures": 1, "patience": 100,  # ~2 s an epoch
                          "evals_per_epoch": 2})
     exp = tmp_path / "runs" / "retry" / "tune" / "search"
     killed = []
@@ -199,14 +200,14 @@ def test_killed_one_worker_trial_is_retried_from_its_checkpoint(gen_dir, tmp_pat
     assert len(killed) == 1
     (lines,) = _result_lines(exp).values()
     final = lines[-1]
-    assert final["final"] and final["epochs_run"] == 8 and res.table[0]["error"] == ""
+    assert final["final"] and final["epochs_run"] == 5 and res.table[0]["error"] == ""
     assert final["pid"] != killed[0]
     starts = json.loads(final["starts"])
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, starts  # resumed, not started over
     assert final["resumed_from"].startswith("checkpoint_")
     # every evaluation was reported (ASHA's rungs inside an epoch); epoch ends carry the checkpoints
     mid = [x for x in lines if not float(x["epoch"]).is_integer()]
-    assert len(mid) >= 8 and all(x["checkpoint_dir_name"] is None for x in mid)
+    assert {math.floor(x["epoch"]) for x in mid} == {0, 1, 2, 3, 4} and all(x["checkpoint_dir_name"] is None for x in mid)
     assert all(x["checkpoint_dir_name"] for x in lines if float(x["epoch"]).is_integer())
 
 
