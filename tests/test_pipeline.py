@@ -23,7 +23,10 @@ def test_gate_refuses_a_weak_winner_and_says_why(tmp_path):
     # lightgbm on the same split is shown beside the winner, ahead or behind, and says what to do when ahead
     assert "> lightgbm 0.7400: deploy" in gate(cfg, 0.75, 0.70, 0.74)
     behind = gate(cfg, 0.75, 0.70, 0.78)
-    assert "<= lightgbm 0.7800 (lightgbm is better here" in behind and "model.name=lightgbm" in behind
+    assert "<= lightgbm 0.7800 (lightgbm is better here: more trials" in behind  # the demo's space holds lightgbm
+    deep_only = load_config(raw={**cfg.model_dump(mode="json"),
+                                 "tune": {"search_space": {"train.lr": {"loguniform": [0.001, 0.01]}}}})
+    assert "add it to the search, tune.search_space model.name" in gate(deep_only, 0.75, 0.70, 0.78)
     with pytest.raises(GateError):
         gate(cfg, float("nan"), None)  # a NaN AUC is never good enough
 
