@@ -45,7 +45,7 @@ def _logs(n: int, seed: int) -> dict[str, pa.Table]:
     tags = [tag_pool[i] for i in rng.integers(0, len(tag_pool), n)]
     cats = [None if i == 0 else list(range(i)) for i in rng.integers(0, 4, n)]
     price = rng.lognormal(3, 1, n)
-    logit = np.where(user % 3 == item % 3, 1.5, -1.5) + np.array([1.0 if t and "a" in t else -0.5 for t in tags])
+    logit = np.where(user % 3 == item % 3, 1.5, -1.5) + np.array([2.0 if t and "a" in t else -1.0 for t in tags])
     label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     region = rng.integers(0, 2, n)
     table = pa.table({
@@ -76,7 +76,7 @@ def test_awkward_types_train_bundle_and_serve_the_offline_scores(tmp_path, serve
         "run": {"name": "ingest", "dir": str(tmp_path / "runs")},
         "data": {"source": src, "split": {"kind": "time"}},
         "features": FEATURES, "model": {"name": "dcnv2", "embedding_dim": 8, "mlp": [32]},
-        "train": {"num_workers": 1, "cpus_per_worker": 1, "epochs": 2, "batch_size": 256, "evals_per_epoch": 1,
+        "train": {"num_workers": 1, "cpus_per_worker": 1, "epochs": 3, "batch_size": 256, "evals_per_epoch": 1,
                   "storage_path": str(tmp_path / "ckpt")}})
     prep = ensure_prepared(cfg)
     pp = prep["preprocessor"]
