@@ -105,7 +105,8 @@ def tuned_row(cfg: Config, ckpt: str) -> dict:
     c = config_with(cfg, {"train.storage_path": ckpt, "tune.export_path": storage.join(ckpt, "winner")})
     res = run_search(c, restart=True)
     w = res.winner
-    row = {"model": f"tuned winner ({w['params'].get('model.name', cfg.model.name)}, "
+    name = w["params"].get("blend") or w["params"].get("model.name", cfg.model.name)
+    row = {"model": f"tuned winner ({name}, "
                     f"{cfg.tune.num_samples} trials)", **_pick(w["test"], "test_"), "seconds": res.seconds, "n": 1}
     row["params"] = w["params"]
     return row

@@ -22,7 +22,7 @@ from training.evaluate import evaluate_raw
 from training.models import GBDT, Blend
 from training.scoring import score_rows
 from training.trainer import train
-from tune.search import run_search
+from tune.search import MIN_BLEND_GAIN, blend_wins, run_search
 from tune.space import DEFAULT_SPACE, GBDT_KEYS, parse_space, start_points
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -151,3 +151,26 @@ def test_search_spans_lightgbm_and_deep_and_exports_a_served_blend(tmp_path, ser
         np.testing.assert_allclose(r.json()["scores"], score_rows(pp, model, rows), rtol=0, atol=1e-6)
         info = httpx.get(f"{serve_url}/blend/model", timeout=60).json()
         assert info["model"] == f"blend(lightgbm {w:.2f} + dcnv2 {1 - w:.2f})"
+
+
+def test_blend_is_chosen_by_tune_blend_and_the_valid_gain():
+    fit = {"gbdt_valid_auc": 0.80, "deep_valid_auc": 0.81}
+    assert blend_wins("auto", {**fit, "valid_auc": 0.81 + MIN_BLEND_GAIN})
+    assert not blend_wins("auto", {**fit, "valid_auc": 0.81 + MIN_BLEND_GAIN / 2})  # a hair better is noise
+    assert blend_wins("always", {**fit, "valid_auc": 0.81}) and not blend_wins("never", {**fit, "valid_auc": 0.9})
+
+
+def test_lightgbm_trial_of_a_several_worker_search_runs_beside_the_trial_driver(tmp_path):
+    """A several-worker trial's driver holds no CPU in its placement group: its LightGBM fit runs as a task
+    outside it, on the CPUs the search reserved for the trial's workers."""
+    base = _cfg(tmp_path).model_dump(mode="json")
+    cfg = load_config(raw={**base, "model": {**base["model"], "name": "dcnv2"},
+                           "train": {**base["train"], "num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.5},
+                           "tune": {"num_samples": 1, "search_space": {"model.name": {"choice": ["lightgbm"]},
+                                                                       "model.num_leaves": {"choice": [15]}},
+                                    "export_path": str(tmp_path / "winner")}})
+    res = run_search(cfg)
+    (row,) = res.table
+    assert row["model.name"] == "lightgbm" and not row["error"] and row["trees"] >= 1, row
+    _, model, meta = load_bundle(res.bundle)
+    assert isinstance(model, GBDT) and meta["metrics"]["test_passes"] == 1 and res.winner["test"]["test_auc"] > 0.7

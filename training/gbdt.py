@@ -68,7 +68,10 @@ def fit_gbdt(cfg: Config, pp: Preprocessor, encoded: str, *, here: bool = False)
     if here:
         out = _fit(*args)
     else:
-        task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0))
+        # DEFAULT: not into the caller's placement group (a several-worker Tune trial's driver holds 0 CPU in
+        # its own); the search's resource check reserved these CPUs for the trial's workers
+        task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0),
+                                        scheduling_strategy="DEFAULT")
         out = ray.get(task.remote(*args))
     fields = fields_of(pp)
     model = GBDT(fields, len(pp.num_columns))

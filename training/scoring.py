@@ -29,9 +29,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def forward(model: torch.nn.Module, x_cat: np.ndarray | torch.Tensor, x_num: np.ndarray | torch.Tensor,
-            autocast: Autocast = nullcontext) -> np.ndarray:
+            autocast: Autocast = nullcontext, logits: bool = False) -> np.ndarray:
     """x_cat int [B, S], x_num float32 [B, N] (numpy or tensors, pinned ones copied without blocking) ->
-    click probabilities float32 [B] as numpy, with the model in eval mode (its mode is restored after)."""
+    click probabilities float32 [B] as numpy (`logits`: the logits, float64), with the model in eval mode
+    (its mode is restored after)."""
     m = unwrap(model)
     device = next(itertools.chain(m.parameters(), m.buffers())).device  # a GBDT has a buffer only
     x_cat = torch.as_tensor(x_cat).to(device, non_blocking=True)
@@ -40,10 +41,10 @@ def forward(model: torch.nn.Module, x_cat: np.ndarray | torch.Tensor, x_num: np.
     m.eval()
     try:
         with torch.inference_mode(), autocast():
-            logits = m(x_cat, x_num)  # [B]
+            out = m(x_cat, x_num)  # [B] logits
     finally:
         m.train(was_training)
-    return torch.sigmoid(logits.float()).cpu().numpy()
+    return out.double().cpu().numpy() if logits else torch.sigmoid(out.float()).cpu().numpy()
 
 
 def score_columns(pp: Preprocessor, model: torch.nn.Module,

@@ -324,9 +324,8 @@ BLEND_GRID = 20  # the GBDT's weight is tried at 0, 1/20, ..., 1 (the deep model
 
 
 def _logits(model: Any, x_cat: np.ndarray, x_num: np.ndarray, batch: int = 65536) -> np.ndarray:
-    p = np.concatenate([forward(model, x_cat[i:i + batch], x_num[i:i + batch]) for i in range(0, len(x_cat), batch)])
-    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+    return np.concatenate([forward(model, x_cat[i:i + batch], x_num[i:i + batch], logits=True)
+                           for i in range(0, len(x_cat), batch)])
 
 
 def fit_blend(cfg: Config, prep: dict, gbdt: tuple[Any, dict], deep: tuple[Any, dict]) -> dict[str, Any]:
@@ -338,6 +337,13 @@ def fit_blend(cfg: Config, prep: dict, gbdt: tuple[Any, dict], deep: tuple[Any, 
             for w in range(BLEND_GRID + 1)]
     auc, w = max(aucs)
     return {"weight_gbdt": w, "valid_auc": auc, "gbdt_valid_auc": aucs[-1][0], "deep_valid_auc": aucs[0][0]}
+
+
+def blend_wins(mode: str, fit: dict[str, float]) -> bool:
+    """`tune.blend`: always, never, or auto: the blend beats both its parts on valid by MIN_BLEND_GAIN."""
+    if mode != "auto":
+        return mode == "always"
+    return fit["valid_auc"] >= max(fit["gbdt_valid_auc"], fit["deep_valid_auc"]) + MIN_BLEND_GAIN
 
 
 def _valid_auc(rc: tuple[Any, tuple[Any, dict]]) -> float:
@@ -380,8 +386,7 @@ def _blend(cfg: Config, prep: dict, gbdt: dict, deep: dict, best: dict) -> tuple
     the blend's record for the bundle's info)."""
     with console.step("blend: best lightgbm + best deep trial, weights on valid") as st:
         b = fit_blend(cfg, prep, (gbdt["model"], gbdt["arch"]), (deep["model"], deep["arch"]))
-        better = cfg.tune.blend == "always" or b["valid_auc"] >= max(b["gbdt_valid_auc"], b["deep_valid_auc"]) \
-            + MIN_BLEND_GAIN
+        better = blend_wins(cfg.tune.blend, b)
         st["done"] = (f"lightgbm x {b['weight_gbdt']:.2f} + {deep['cfg'].model.name} x {1 - b['weight_gbdt']:.2f}: "
                       f"valid AUC {b['valid_auc']:.4f} vs {b['gbdt_valid_auc']:.4f} / {b['deep_valid_auc']:.4f}: "
                       + ("the blend wins" if better else f"not {MIN_BLEND_GAIN} better: the best trial wins"))
