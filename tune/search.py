@@ -360,18 +360,23 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, An
         raise RuntimeError("no trial checkpointed a validation AUC"
                            + (": " + "; ".join(errors[:3]) if errors else ""))
 
+    loaded: dict[int, dict[str, Any]] = {}  # the best trial is often also its family's best: loaded once
+
     def load(rc: tuple[Any, tuple[Any, dict]]) -> dict[str, Any]:
+        if id(rc) in loaded:
+            return loaded[id(rc)]
         params = trial_params(cfg, rc[0].config)
         wcfg = trial_config(cfg, params)
         model, arch = best_model(rc[1][0], wcfg, prep["preprocessor"])
-        return {"model": model, "arch": arch, "cfg": wcfg, "params": params, "trial_id": rc[1][1].get("trial_id"),
-                "valid_auc": _valid_auc(rc), "metrics": {k: v for k, v in rc[1][1].items()
-                                                         if _finite(v) or isinstance(v, (str, bool))}}
+        loaded[id(rc)] = {"model": model, "arch": arch, "cfg": wcfg, "params": params,
+                          "trial_id": rc[1][1].get("trial_id"), "valid_auc": _valid_auc(rc),
+                          "metrics": {k: v for k, v in rc[1][1].items() if _finite(v) or isinstance(v, (str, bool))}}
+        return loaded[id(rc)]
 
     w = load(max(ok, key=_valid_auc))
     info: dict[str, Any] = {"trial_id": w["trial_id"], "params": w["params"],
                             "search": storage.join(cfg.run_dir, "tune", "search")}
-    is_gbdt = [trial_config(cfg, trial_params(cfg, r.config)).model.name == GBDT for r, _ in ok]
+    is_gbdt = [trial_params(cfg, r.config).get("model.name", cfg.model.name) == GBDT for r, _ in ok]
     gbdts, deeps = [rc for rc, g in zip(ok, is_gbdt) if g], [rc for rc, g in zip(ok, is_gbdt) if not g]
     if gbdts and deeps and cfg.tune.blend != "never":
         w, info["blend"] = _blend(cfg, prep, load(max(gbdts, key=_valid_auc)), load(max(deeps, key=_valid_auc)), w)
