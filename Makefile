@@ -23,8 +23,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rankray pipeline --config configs/demo.yaml $(ARGS)
 
+# two pytest workers (a whole test module each at a time, heaviest first: tests/conftest.py), each with its
+# own local Ray: one process leaves a third of the 2 cores idle while Ray starts processes
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # every benchmark in < 30 min on the 2-core dev machine; rewrites docs/BENCHMARKS.md and the README's figures
 # table from that one run (ARGS="--only quality-movielens" runs sections and prints their figures, writing nothing)

@@ -58,6 +58,10 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None, serve:
         dashboard = rc.include_dashboard if rc else False
         host = rc.dashboard_host if rc else "127.0.0.1"
         port = _port_or_free(rc.dashboard_port if rc else 8265)
+        # one node that nobody drains: Ray Train's preemption watcher (an actor per worker group, polling
+        # the node's drain state) would cost a process start per run and never see a preemption
+        if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
+            env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         if dashboard:
             # Ray's own helpers inside this cluster (e.g. Ray Train's placement-group cleaner, which frees
             # the workers of a stopped Tune trial) find the dashboard through this, not through the

@@ -1,8 +1,8 @@
-"""Shared fixtures. One local Ray for the whole run (started by the first module that needs it, with the
-dashboard on 127.0.0.1 for Tune's ASHA clean-up), one Serve on it, a moto S3 server on loopback, one
-API key in the environment before Ray starts (replicas inherit it, as in production), and prepared
-data that several modules share. Modules that must start Ray their own way (`own_ray`) run last; they
-stop the shared Ray first, and a later module that needs it starts it again."""
+"""Shared fixtures. One local Ray for the whole run (for each pytest worker under `make test`), started by
+the first module that needs it, with the dashboard on 127.0.0.1 for Tune's ASHA clean-up; one Serve on it,
+a moto S3 server on loopback, one API key in the environment before Ray starts (replicas inherit it, as in
+production), and prepared data that several modules share. Modules that must start Ray their own way
+(`own_ray`) stop the shared Ray first, and a later module that needs it starts it again."""
 from __future__ import annotations
 
 import os
@@ -18,8 +18,14 @@ raycluster.use_token_auth()  # as every rankray entry point does, before ray is 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules marked own_ray last (stable otherwise): the shared Ray starts once."""
-    items.sort(key=lambda it: it.get_closest_marker("own_ray") is not None)
+    """The run's order (stable otherwise). In one process: modules marked own_ray last, so the shared Ray
+    starts once. In `make test`'s xdist workers (each takes a whole module at a time, in this order): the
+    heaviest first (`slow` modules, then those on Ray, then the rest), so the workers finish together."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda it: (it.get_closest_marker("slow") is None,
+                                   "ray_local" not in it.fixturenames and it.get_closest_marker("own_ray") is None))
+    else:
+        items.sort(key=lambda it: it.get_closest_marker("own_ray") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +58,10 @@ def start_shared_ray() -> None:
     # the API key reaches the replicas as in production, through the environment the processes inherit
     # (a runtime_env would write it into the runtime-env agent's log)
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    # as rankray's own start-up sets them: Train's clean-up of stopped trials finds the dashboard, and a
-    # worker's report is polled every 0.25 s
-    env.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
+    # as rankray's own start-up sets them: Train's clean-up of stopped trials finds the dashboard, a
+    # worker's report is polled every 0.25 s, no preemption watcher on one undrained node
+    env.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+               RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
              log_to_driver=False, runtime_env={"env_vars": env})
 

@@ -1,11 +1,16 @@
 """Config: YAML + --set, unknown keys / wrong types / missing fields fail naming the key path."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from raycluster.cli import main
 from training.config import ConfigError, config_with, dump_config, load_config, parse_yaml
 
 from tests.helpers import SMALL_FEATURES
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = {"data": {"source": "x.parquet"}, "features": SMALL_FEATURES}
 
 
@@ -68,15 +73,19 @@ def test_config_with_revalidates():
         config_with(cfg, {"train.lr": -1})
 
 
-def test_cli_bad_config_fails_before_any_work(tmp_path, capsys):
-    import ray
-
+def test_cli_bad_config_fails_before_any_work(tmp_path):
+    """In a process of its own: this test process may already hold the run's shared Ray."""
     p = tmp_path / "bad.yaml"
     p.write_text("data: {source: x.parquet}\nfeatures: {label: y, features: [{name: a, type: categorical}]}\n"
                  "train: {epocs: 3}\n")
-    assert main(["prepare", "--config", str(p)]) == 2
-    assert "train.epocs: unknown key" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    code = ("import sys, ray; from raycluster.cli import main; rc = main(['prepare', '--config', sys.argv[1]]); "
+            "print('ray initialized:', ray.is_initialized()); sys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code, str(p)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "train.epocs: unknown key" in out.stderr
+    assert "ray initialized: False" in out.stdout
 
 
 def test_yaml_12_numbers_and_booleans():

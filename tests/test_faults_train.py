@@ -136,6 +136,11 @@ def test_worker_killed_twice_resumes_from_latest_checkpoint_and_matches_undistur
     calm_fit = Fit(_trainer(cfg, "calm"))
     calm = calm_fit.join()
     assert calm.error is None and json.loads(calm.metrics["starts"]) == [0]
+    # 2 DDP workers: validation over both workers' shards (not rank 0's half), at every evaluation; Ray
+    # Train's split into equal shards leaves out at most one row per worker but the first
+    valid = ensure_prepared(cfg)["profile"]["rows_by_split"]["valid"]
+    seen = [h["valid_rows"] for h in json.loads(calm.metrics["history"])]
+    assert len(seen) == 4 and all(valid - 1 <= v <= valid for v in seen), (seen, valid)
 
     run_dir = tmp_path / "ckpt" / "kills"
     fit = Fit(_trainer(cfg, "kills"))

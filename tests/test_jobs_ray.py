@@ -4,7 +4,6 @@ server; a second submit of the same run skips the finished stages; a third with 
 refused by the gate."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,11 @@ from pathlib import Path
 import pytest
 
 from serving.client import predict
-from tests.helpers import ray_head
+from tests.helpers import free_port, ray_head
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def _s3_text(key: str) -> str:
 def test_job_submit_runs_the_pipeline_on_s3_and_a_resubmit_skips_finished_stages(head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    run_dir, data_dir, port = "s3://jobs/runs", "s3://jobs/data/demo", _free_port()
+    run_dir, data_dir, port = "s3://jobs/runs", "s3://jobs/data/demo", free_port()
     t0 = time.time()
     out = _submit(head, run_dir, port, data_dir)
     first = time.time() - t0

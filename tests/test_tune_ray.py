@@ -23,7 +23,7 @@ from training.bundle import load_bundle
 from tune.search import run_search
 from tune.space import parse_space
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 SPACE = {"train.lr": {"loguniform": [0.00001, 0.02]}, "model.embedding_dim": {"int": [4, 12]},
          "model.mlp": {"choice": [[64, 32], [16]]}}

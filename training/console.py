@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 import ray
-import ray.data
 
 VERBOSE_ENV = "RANKRAY_VERBOSE"
 PRINT_EVERY_S = 30.0  # without a terminal: one progress line at most this often (plus the last)
@@ -35,6 +34,8 @@ def quiet_ray() -> None:
     its warnings stay, and its file handler keeps writing ray-data.log in the session's log directory."""
     if verbose():
         return
+    import ray.data  # here, not at the top: the ProgressBoard actor's process imports this module
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     for h in logging.getLogger("ray.data").handlers:
         if h.get_name() == "console":
