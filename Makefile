@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test audit bench clean
+.PHONY: setup demo test audit bench autogluon clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,17 @@ $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	@touch $@
 
-bench: $(VENV)/.bench
+bench: $(VENV)/.bench .venv-autogluon/.installed
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+# AutoGluon-Tabular, the quality suite's AutoML peer (benchmarks/autogluon_peer.py), in a venv of its own: it
+# pins another Ray. Its gradient-boosting models; no PyTorch here, so not its neural ones.
+.venv-autogluon/.installed:
+	$(PYTHON) -m venv .venv-autogluon
+	.venv-autogluon/bin/pip install -q "autogluon.tabular[lightgbm,catboost,xgboost]==1.6.3"
+	@touch $@
+
+autogluon: .venv-autogluon/.installed
 
 # Known vulnerabilities in the installed (locked) dependencies: pip-audit, in a venv of its own so its
 # own packages are not audited, over `pip freeze` of .venv (local versions like +cpu dropped). Fails on

@@ -12,7 +12,9 @@ train split and scores the test split:
 - LightGBM as a user tunes it by hand, on the same encoded columns (categorical and multi-hot slots as
   native categorical features, numeric as is): a 12-point grid (num_leaves, learning rate,
   min_data_in_leaf) with early stopping on valid, the best point on valid AUC, then `--seeds` seeds;
-- the tuned winner: `rankray tune` with the config's `tune` section (skip with --no-tune).
+- the tuned winner: `rankray tune` with the config's `tune` section (skip with --no-tune);
+- AutoGluon-Tabular `medium_quality` on the same split and columns, given the search's wall time, in a
+  venv of its own (`make autogluon`; benchmarks/autogluon_peer.py).
 Prints AUC, logloss, GAUC (when the config has a group), the Bayes ratio (synthetic data with an
 oracle column) and training seconds. Needs the `bench` extra (`pip install -e .[bench]`).
 """
@@ -21,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import raycluster
 
@@ -41,6 +45,7 @@ from training.trainer import train
 
 from realdata import SOURCES, fetch  # benchmarks/, the script's own folder
 
+ROOT = Path(__file__).resolve().parents[1]
 DEEP = ["dcnv2", "dlrm", "deepfm", "wide_deep"]
 KEYS = ["auc", "logloss", "gauc", "bayes_ratio"]
 
@@ -58,12 +63,18 @@ LGB_GRID = [{"num_leaves": nl, "learning_rate": lr, "min_data_in_leaf": md}
             for nl in (15, 63, 255) for lr in (0.03, 0.1) for md in (20, 100)]
 
 
+def encoded_splits(cfg: Config, prep: dict) -> tuple[list[str], dict[str, dict[str, np.ndarray]]]:
+    """(feature columns, split -> column -> values) of the prepared split: what every peer is given."""
+    pp = prep["preprocessor"]
+    cols = pp.cat_columns + pp.num_columns
+    return cols, {s: read_split(cfg, prep["encoded"], s, cols + [LABEL, GROUP, ORACLE]) for s in ("train", "valid", "test")}
+
+
 def lightgbm_row(cfg: Config, prep: dict, seeds: int) -> dict:
     import lightgbm as lgb
 
     pp = prep["preprocessor"]
-    cols = pp.cat_columns + pp.num_columns
-    splits = {s: read_split(cfg, prep["encoded"], s, cols + [LABEL, GROUP, ORACLE]) for s in ("train", "valid", "test")}
+    cols, splits = encoded_splits(cfg, prep)
 
     def frame(s: str) -> np.ndarray:
         return np.stack([splits[s][c].astype(np.float32) for c in cols], axis=1)
@@ -93,6 +104,27 @@ def lightgbm_row(cfg: Config, prep: dict, seeds: int) -> dict:
                      f"{round(statistics.mean(r['trees'] for r in runs))} trees)", runs)
     row["seconds"] = time.time() - t0
     return row
+
+
+AUTOGLUON = ROOT / ".venv-autogluon" / "bin" / "python"
+
+
+def autogluon_row(cfg: Config, prep: dict, seconds: float) -> dict:
+    """AutoGluon-Tabular `medium_quality` on the same split and columns (categoricals as categories), in its
+    own venv (`make autogluon`), given `seconds` of wall time (the tuned search's)."""
+    import pyarrow as pa
+
+    pp = prep["preprocessor"]
+    cols, splits = encoded_splits(cfg, prep)
+    with tempfile.TemporaryDirectory(prefix="rankray-autogluon-") as where:
+        for s, d in splits.items():
+            table = {c: pa.array(d[c]).dictionary_encode() if c in pp.cat_columns else pa.array(d[c]) for c in cols}
+            pq.write_table(pa.table({**table, "label": pa.array(d[LABEL].astype(np.int8))}), f"{where}/{s}.parquet")
+        out = subprocess.run([str(AUTOGLUON), str(ROOT / "benchmarks" / "autogluon_peer.py"), where, str(seconds)],
+                             capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"model": f"AutoGluon medium_quality ({res['models']} models, best {res['best']}; "
+                     f"{seconds:.0f} s limit)", "auc": res["auc"], "seconds": res["seconds"], "n": 1}
 
 
 def _pick(m: dict, prefix: str = "") -> dict:
@@ -175,6 +207,11 @@ def main() -> None:
         rows += [rankray_rows(cfg, name, args.seeds, ckpt) for name in args.models]
         if not args.no_tune:
             rows.append(tuned_row(cfg, ckpt))
+            if AUTOGLUON.exists():
+                rows.append(autogluon_row(cfg, prep, rows[-1]["seconds"]))
+                print(f"  AutoGluon: test AUC {rows[-1]['auc']:.4f} in {rows[-1]['seconds']:.0f} s", flush=True)
+            else:
+                print(f"  AutoGluon: not run ({AUTOGLUON.relative_to(ROOT)} missing: `make autogluon`)", flush=True)
     print(table(rows))
     for r in rows:
         if "params" in r:
