@@ -245,6 +245,27 @@ def test_dcnv2_first_order_adds_one_weight_per_value(tmp_path) -> None:
     assert model_from_arch(old).linear is None
 
 
+def test_dcnv2_periodic_numeric_embedding(tmp_path) -> None:
+    """model.numeric_embedding: periodic: each numeric also enters dcnv2 as a learned D-vector; the
+    frequencies train, the arch round-trips, older archs (without the option) rebuild without it."""
+    cfg = small_cfg("dcnv2", numeric_embedding="periodic")
+    model = build_model(cfg, FIELDS, N)
+    assert model.numeric.freq.shape == (N, 16) and model.cross.layers[0].in_features == (len(FIELDS) + N) * 8 + N
+    x_cat, x_num = batch()
+    model(x_cat, x_num).sum().backward()
+    assert model.numeric.freq.grad.abs().sum() > 0 and model.numeric.weight.grad.abs().sum() > 0
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    again = model_from_arch(json.loads(json.dumps(model_arch(cfg, FIELDS, N)))).eval()
+    again.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(again(x_cat, x_num), model.eval()(x_cat, x_num))
+    old = model_arch(small_cfg("dcnv2"), FIELDS, N)
+    del old["hparams"]["numeric_embedding"]
+    assert model_from_arch(old).numeric is None
+    with pytest.raises(ValueError, match="numeric_embedding is only used by dcnv2"):
+        build_model(small_cfg("deepfm", numeric_embedding="periodic"), FIELDS, N)
+
+
 def test_forward_rejects_wrong_shapes() -> None:
     model = LogReg(FIELDS, N)
     x_cat, x_num = batch()
