@@ -29,7 +29,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# every benchmark in < 30 min on the 2-core dev machine; rewrites docs/BENCHMARKS.md and the README's figures
+# every benchmark in about 45 min on the 2-core dev machine; rewrites docs/BENCHMARKS.md and the README's figures
 # table from that one run (ARGS="--only quality-movielens" runs sections and prints their figures, writing nothing)
 $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
