@@ -70,11 +70,11 @@ def encoded_splits(cfg: Config, prep: dict) -> tuple[list[str], dict[str, dict[s
     return cols, {s: read_split(cfg, prep["encoded"], s, cols + [LABEL, GROUP, ORACLE]) for s in ("train", "valid", "test")}
 
 
-def lightgbm_row(cfg: Config, prep: dict, seeds: int) -> dict:
+def lightgbm_row(cfg: Config, prep: dict, data: tuple[list[str], dict], seeds: int) -> dict:
     import lightgbm as lgb
 
     pp = prep["preprocessor"]
-    cols, splits = encoded_splits(cfg, prep)
+    cols, splits = data
 
     def frame(s: str) -> np.ndarray:
         return np.stack([splits[s][c].astype(np.float32) for c in cols], axis=1)
@@ -109,13 +109,13 @@ def lightgbm_row(cfg: Config, prep: dict, seeds: int) -> dict:
 AUTOGLUON = ROOT / ".venv-autogluon" / "bin" / "python"
 
 
-def autogluon_row(cfg: Config, prep: dict, seconds: float) -> dict:
+def autogluon_row(prep: dict, data: tuple[list[str], dict], seconds: float) -> dict:
     """AutoGluon-Tabular `medium_quality` on the same split and columns (categoricals as categories), in its
     own venv (`make autogluon`), given `seconds` of wall time (the tuned search's)."""
     import pyarrow as pa
 
     pp = prep["preprocessor"]
-    cols, splits = encoded_splits(cfg, prep)
+    cols, splits = data
     with tempfile.TemporaryDirectory(prefix="rankray-autogluon-") as where:
         for s, d in splits.items():
             table = {c: pa.array(d[c]).dictionary_encode() if c in pp.cat_columns else pa.array(d[c]) for c in cols}
@@ -202,13 +202,14 @@ def main() -> None:
     rows_by_split = prep["profile"]["rows_by_split"]
     print(f"{args.config}: train/valid/test rows {rows_by_split}", flush=True)
     with tempfile.TemporaryDirectory(prefix="rankray-quality-") as ckpt:
-        rows = [rankray_rows(cfg, "logreg", 1, ckpt), lightgbm_row(cfg, prep, args.seeds)]
+        data = encoded_splits(cfg, prep)  # what LightGBM and AutoGluon are given, read once
+        rows = [rankray_rows(cfg, "logreg", 1, ckpt), lightgbm_row(cfg, prep, data, args.seeds)]
         print(f"  LightGBM: test AUC {rows[-1]['auc']:.4f} in {rows[-1]['seconds']:.0f} s", flush=True)
         rows += [rankray_rows(cfg, name, args.seeds, ckpt) for name in args.models]
         if not args.no_tune:
             rows.append(tuned_row(cfg, ckpt))
             if AUTOGLUON.exists():
-                rows.append(autogluon_row(cfg, prep, rows[-1]["seconds"]))
+                rows.append(autogluon_row(prep, data, rows[-1]["seconds"]))
                 print(f"  AutoGluon: test AUC {rows[-1]['auc']:.4f} in {rows[-1]['seconds']:.0f} s", flush=True)
             else:
                 print(f"  AutoGluon: not run ({AUTOGLUON.relative_to(ROOT)} missing: `make autogluon`)", flush=True)

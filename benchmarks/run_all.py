@@ -5,8 +5,9 @@
 Each section runs one benchmark as a subprocess (the exact command is written beside its figures),
 keeps what it printed (Ray's own log lines left out) and how long it took. Sizes are chosen so the
 whole run takes about 45 minutes on the 2-core development machine (the three real datasets about 20
-of them, measured one by one); the benchmarks themselves take bigger sizes from their flags. The GPU section is re-measured when CUDA is present, otherwise the
-last GPU figures (docs/gpu-bench.txt, with the machine and date) are included as they are.
+of them, measured one by one); the benchmarks themselves take bigger sizes from their flags. The GPU
+section is re-measured when CUDA is present, otherwise the last GPU figures (docs/gpu-bench.txt, with the
+machine and date) are included as they are.
 
 One source of figures: every benchmark prints its headline figures as `HEADLINE | what | figure` lines;
 they become the table at the top of docs/BENCHMARKS.md, and the same table (between the `figures`

@@ -32,6 +32,25 @@ def serve_env(serve: ServeConfig | None) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}  # no external load balancer to wait for
 
 
+def job_env(serve: ServeConfig | None, *, local: bool, dashboard: str | None = None) -> dict[str, str]:
+    """The environment rankray gives its Ray job's processes; what the environment (or `ray job submit
+    --runtime-env`) already sets wins, and never conflicts. `local`: a one-node Ray rankray starts itself,
+    with its dashboard at `dashboard` (http://host:port) when it has one."""
+    # Ray Train's controller polls its workers this often (default 2 s): a worker's report waits for the
+    # poll, and every run (every Tune trial) ends up to 2 s after its last step
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", **serve_env(serve)}
+    if local:
+        # one node that nobody drains: Ray Train's preemption watcher (an actor per worker group, polling
+        # the node's drain state) would cost a process start per run and never see a preemption
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        if dashboard:
+            # Ray's own helpers inside this cluster (e.g. Ray Train's placement-group cleaner, which frees
+            # the workers of a stopped Tune trial) find the dashboard through this, not through the
+            # machine-wide "current cluster" file that only `ray start` writes (and may be stale)
+            env["RAY_API_SERVER_ADDRESS"] = dashboard
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
 def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None, serve: ServeConfig | None = None) -> str:
     """Start or join Ray once per process; returns the dashboard URL (or '' without one). `serve` (default:
     the config's serve section) sets the environment of the Serve processes this job may start."""
@@ -47,27 +66,15 @@ def ensure_ray(cfg: Config | None = None, *, job_name: str | None = None, serve:
                     "namespace": "rankray"}
     if job_name:
         kwargs["job_config"] = ray.job_config.JobConfig(metadata={"job_name": job_name})
-    # Ray Train's controller polls its workers this often (default 2 s): a worker's report waits for the
-    # poll, and every run (every Tune trial) ends up to 2 s after its last step
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", **serve_env(serve or (cfg.serve if cfg else None))}
-    # what the environment (or `ray job submit --runtime-env`) already sets wins, and never conflicts
-    env = {k: v for k, v in env.items() if k not in os.environ}
+    serve = serve or (cfg.serve if cfg else None)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+        ray.init(address=address, runtime_env={"env_vars": job_env(serve, local=False)}, **kwargs)
     else:
         dashboard = rc.include_dashboard if rc else False
         host = rc.dashboard_host if rc else "127.0.0.1"
         port = _port_or_free(rc.dashboard_port if rc else 8265)
-        # one node that nobody drains: Ray Train's preemption watcher (an actor per worker group, polling
-        # the node's drain state) would cost a process start per run and never see a preemption
-        if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
-            env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        if dashboard:
-            # Ray's own helpers inside this cluster (e.g. Ray Train's placement-group cleaner, which frees
-            # the workers of a stopped Tune trial) find the dashboard through this, not through the
-            # machine-wide "current cluster" file that only `ray start` writes (and may be stale)
-            shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-            env["RAY_API_SERVER_ADDRESS"] = f"http://{shown}:{port}"
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        env = job_env(serve, local=True, dashboard=f"http://{shown}:{port}" if dashboard else None)
         # "local": always a new local Ray, never a stale or unrelated `ray start` cluster on the machine
         ray.init(address="local", num_cpus=rc.num_cpus if rc else None, include_dashboard=dashboard,
                  dashboard_host=host, dashboard_port=port, runtime_env={"env_vars": env}, **kwargs)

@@ -52,16 +52,15 @@ def start_shared_ray() -> None:
     variables of the moto server and the test API key."""
     import ray
 
+    from raycluster.rayinit import job_env
+
     if ray.is_initialized():
         return
     dash = free_port()
     # the API key reaches the replicas as in production, through the environment the processes inherit
     # (a runtime_env would write it into the runtime-env agent's log)
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    # as rankray's own start-up sets them: Train's clean-up of stopped trials finds the dashboard, a
-    # worker's report is polled every 0.25 s, no preemption watcher on one undrained node
-    env.update(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dash}", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
-               RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    env.update(job_env(None, local=True, dashboard=f"http://127.0.0.1:{dash}"))  # as rankray's own start-up
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
              log_to_driver=False, runtime_env={"env_vars": env})
 
