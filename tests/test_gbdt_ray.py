@@ -2,7 +2,7 @@
 on valid AUC, scored on test once by the driver, bundled as LightGBM's text model inside safetensors (no
 pickle anywhere), and served through the same scoring path with the same self-check: the served score
 equals the offline score. `rankray tune` searches it beside the deep models (a conditional space), and the
-winner can be their blend, served as one model."""
+winner can be an ensemble of trials of both (greedy selection on valid), served as one model."""
 from __future__ import annotations
 
 import re
@@ -19,10 +19,12 @@ from tests.helpers import SMALL_FEATURES, served, small_table
 from training.bundle import load_bundle, verify_samples
 from training.config import ConfigError, load_config
 from training.evaluate import evaluate_raw
-from training.models import GBDT, Blend
-from training.scoring import score_rows
+from training.models import GBDT, Blend, model_label
+from training.prepare import ensure_prepared
+from training.reader import read_split
+from training.scoring import forward, score_rows
 from training.trainer import train
-from tune.search import MIN_BLEND_GAIN, blend_wins, run_search
+from tune.search import MIN_BLEND_GAIN, blend_wins, logit_auc, run_search, select_ensemble
 from tune.space import DEFAULT_SPACE, GBDT_KEYS, parse_space, start_points
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -128,15 +130,18 @@ def test_search_spans_lightgbm_and_deep_and_exports_a_served_blend(tmp_path, ser
         assert r["model.num_leaves"] is None and r["trees"] is None and r["epochs_run"] >= 1 and not r["error"], r
 
     pp, model, meta = load_bundle(res.bundle)
-    assert isinstance(model, Blend) and [p["name"] for p in meta["arch"]["parts"]] == ["lightgbm", "dcnv2"]
-    blend = meta["info"]["blend"]  # weights fitted on valid; the grid's ends are each part alone
-    w = blend["weight_gbdt"]
-    assert 0 <= w <= 1 and meta["arch"]["weights"] == pytest.approx([w, 1 - w])
-    assert blend["valid_auc"] >= max(blend["gbdt_valid_auc"], blend["deep_valid_auc"]) > 0.7
-    best = {n: max(r["best_valid_auc"] for r in rows) for n, rows in by_name.items()}
-    assert blend["gbdt_valid_auc"] == pytest.approx(best["lightgbm"], abs=1e-4)
-    assert blend["deep_valid_auc"] == pytest.approx(best["dcnv2"], abs=1e-4)
-    assert res.winner["best_valid_auc"] == blend["valid_auc"] and res.winner["trial_id"].startswith("blend(")
+    # greedy selection on valid from the best trial of each family (`always`): both families are parts
+    blend = meta["info"]["blend"]
+    assert isinstance(model, Blend) and {"lightgbm", "dcnv2"} <= {p["name"] for p in meta["arch"]["parts"]}
+    assert blend["chosen"] and len(blend["trials"]) == 3
+    assert blend["trial_valid_aucs"] == sorted(r["best_valid_auc"] for r in res.table)[::-1]
+    used = [w for w in blend["weights"] if w > 0]
+    assert meta["arch"]["weights"] == pytest.approx(used) and sum(used) == pytest.approx(1) and len(used) >= 2
+    # the bundle's model is the ensemble that was selected: its valid AUC, recomputed
+    x_cat, x_num, y = read_split(ensure_prepared(cfg)["encoded"], "valid", cfg, pp)
+    assert logit_auc(y, forward(model, x_cat, x_num, logits=True)) == pytest.approx(blend["valid_auc"], abs=1e-6)
+    assert blend["valid_auc"] > 0.7 and res.winner["best_valid_auc"] == blend["valid_auc"]
+    assert res.winner["trial_id"].startswith("blend(")
     assert meta["metrics"]["test_passes"] == 1 and res.winner["test"]["test_auc"] > 0.7
     with safe_open(f"{res.bundle}/weights.safetensors", framework="pt") as f:
         keys = set(f.keys())
@@ -150,14 +155,25 @@ def test_search_spans_lightgbm_and_deep_and_exports_a_served_blend(tmp_path, ser
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["scores"], score_rows(pp, model, rows), rtol=0, atol=1e-6)
         info = httpx.get(f"{serve_url}/blend/model", timeout=60).json()
-        assert info["model"] == f"blend(lightgbm {w:.2f} + dcnv2 {1 - w:.2f})"
+        assert info["model"] == model_label(meta["arch"]) and info["model"].startswith("blend(")
 
 
-def test_blend_is_chosen_by_tune_blend_and_the_valid_gain():
-    fit = {"gbdt_valid_auc": 0.80, "deep_valid_auc": 0.81}
+def test_ensemble_selection_is_greedy_on_valid_and_chosen_by_tune_blend_and_the_gain():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 4000)
+    signal = [y + rng.normal(0, s, len(y)) for s in (1.0, 1.2, 1.2)]  # three noisy views of the label
+    same = [signal[0], signal[0] * 2.0]  # one trial twice (a scaled copy): nothing to gain
+    w, auc = select_ensemble(y, signal)
+    assert auc == pytest.approx(logit_auc(y, sum(wi * z for wi, z in zip(w, signal))), abs=1e-12)
+    assert auc > logit_auc(y, signal[0]) and sum(x > 0 for x in w) >= 2 and sum(w) == pytest.approx(1)
+    assert select_ensemble(y, same) == ([1.0, 0.0], pytest.approx(logit_auc(y, signal[0])))
+    w, _ = select_ensemble(y, signal, start=[1, 2])  # `always` starts from given picks
+    assert w[1] > 0 and w[2] > 0
+    fit = {"trial_valid_aucs": [0.81, 0.80], "weights": [0.5, 0.5]}
     assert blend_wins("auto", {**fit, "valid_auc": 0.81 + MIN_BLEND_GAIN})
     assert not blend_wins("auto", {**fit, "valid_auc": 0.81 + MIN_BLEND_GAIN / 2})  # a hair better is noise
     assert blend_wins("always", {**fit, "valid_auc": 0.81}) and not blend_wins("never", {**fit, "valid_auc": 0.9})
+    assert not blend_wins("always", {**fit, "weights": [1.0, 0.0], "valid_auc": 0.81})  # one part is no blend
 
 
 def test_lightgbm_trial_of_a_several_worker_search_runs_beside_the_trial_driver(tmp_path):

@@ -42,8 +42,11 @@ def _raw(gen_dir, tmp_path, name="s", **tune):
     raw["data"].update(source=gen_dir, generate=None)
     raw["train"].update({"epochs": 3, "cpus_per_worker": 1, "data_cpus": 0.5, "evals_per_epoch": 1,
                          "patience": 3, "log_every": 1000})
+    # blend: never: these tests follow the search's own trials (the winner is the best of them); the
+    # ensemble of trials is test_gbdt_ray's
     raw["tune"] = {"num_samples": 4, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 2,
-                   "seed": 0, "export_path": str(tmp_path / "winner"), "search_space": SPACE, **tune}
+                   "seed": 0, "export_path": str(tmp_path / "winner"), "search_space": SPACE, "blend": "never",
+                   **tune}
     return raw
 
 

@@ -203,7 +203,7 @@ class TrainConfig(_Strict):
 
 
 class TuneConfig(_Strict):
-    num_samples: int = Field(default=8, ge=1)
+    num_samples: int = Field(default=16, ge=1)
     max_concurrent_trials: int = Field(default=1, ge=1)
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # settings tried first, in order (e.g. today's production settings), each giving every key of the space
@@ -215,8 +215,8 @@ class TuneConfig(_Strict):
     reduction_factor: int = Field(default=3, ge=2)
     seed: int = 0
     export_path: str | None = None  # winner bundle (local or s3://); default RUN_DIR/winner
-    # when the search tried lightgbm and a deep model: auto = the winner is the blend of the best of each when
-    # it beats both on valid (by 0.0005 AUC); always / never = whatever valid says
+    # auto: the winner is an ensemble of the best trials (greedy selection on valid) when it beats the best
+    # trial on valid by 0.0005 AUC; always: the ensemble (from the best of each family), never: the best trial
     blend: Literal["auto", "always", "never"] = "auto"
 
 

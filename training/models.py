@@ -377,8 +377,8 @@ class GBDT(_Ranker):
 
 
 class Blend(nn.Module):
-    """The search's winner when mixing helps: logits = sum_i w_i * logit_i over its parts (the best GBDT and
-    the best deep trial), the weights fitted on the validation split (tune.search.fit_blend, chosen by blend_wins)."""
+    """The search's winner when mixing helps: logits = sum_i w_i * logit_i over its parts (trials of any
+    family), the weights chosen on the validation split (tune.search.select_ensemble, kept by blend_wins)."""
 
     def __init__(self, parts: Sequence[nn.Module], weights: Sequence[float]) -> None:
         super().__init__()

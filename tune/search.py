@@ -319,8 +319,9 @@ def _checkpointed(r: Any, cfg: Config) -> tuple[Any, dict] | None:
     return ray.train.Checkpoint(path, filesystem=fs), r.metrics
 
 
-MIN_BLEND_GAIN = 0.0005  # valid AUC a blend must add over the better of its two parts to be the winner
-BLEND_GRID = 20  # the GBDT's weight is tried at 0, 1/20, ..., 1 (the deep model's is 1 - that)
+MIN_BLEND_GAIN = 0.0005  # valid AUC an ensemble must add over the best single trial to be the winner
+ENSEMBLE_ROUNDS = 10  # greedy picks (with replacement): each part's weight is a multiple of 1/10
+ENSEMBLE_CANDIDATES = 32  # the best trials by valid AUC that may enter the ensemble (a search has fewer)
 
 
 def _logits(model: Any, x_cat: np.ndarray, x_num: np.ndarray, batch: int = 65536) -> np.ndarray:
@@ -328,22 +329,36 @@ def _logits(model: Any, x_cat: np.ndarray, x_num: np.ndarray, batch: int = 65536
                            for i in range(0, len(x_cat), batch)])
 
 
-def fit_blend(cfg: Config, prep: dict, gbdt: tuple[Any, dict], deep: tuple[Any, dict]) -> dict[str, Any]:
-    """The GBDT's weight w (the deep model's 1 - w) that maximises valid AUC of w * logit_gbdt +
-    (1 - w) * logit_deep, with the valid AUC of each part and of the blend."""
-    x_cat, x_num, y = read_split(prep["encoded"], "valid", cfg, prep["preprocessor"])
-    zg, zd = (_logits(m, x_cat, x_num) for m, _ in (gbdt, deep))
-    aucs = [(float(roc_auc(y, 1 / (1 + np.exp(-(w / BLEND_GRID * zg + (1 - w / BLEND_GRID) * zd))))), w / BLEND_GRID)
-            for w in range(BLEND_GRID + 1)]
-    auc, w = max(aucs)
-    return {"weight_gbdt": w, "valid_auc": auc, "gbdt_valid_auc": aucs[-1][0], "deep_valid_auc": aucs[0][0]}
+def logit_auc(y: np.ndarray, z: np.ndarray) -> float:
+    """ROC AUC of logits (sigmoid by tanh: no overflow, no ties from saturation below |z| ~ 36)."""
+    return roc_auc(y, 0.5 * (1 + np.tanh(np.asarray(z, np.float64) / 2)))
 
 
-def blend_wins(mode: str, fit: dict[str, float]) -> bool:
-    """`tune.blend`: always, never, or auto: the blend beats both its parts on valid by MIN_BLEND_GAIN."""
-    if mode != "auto":
-        return mode == "always"
-    return fit["valid_auc"] >= max(fit["gbdt_valid_auc"], fit["deep_valid_auc"]) + MIN_BLEND_GAIN
+def select_ensemble(y: np.ndarray, logits: list[np.ndarray], start: list[int] = (),
+                    rounds: int = ENSEMBLE_ROUNDS) -> tuple[list[float], float]:
+    """Greedy ensemble selection (Caruana et al., ICML 2004) on valid: from the `start` picks, add `rounds`
+    times (with replacement) the trial whose logits make the sum's valid AUC highest; keep the best prefix.
+    Returns (each trial's weight: its picks / all picks, the ensemble's valid AUC). With no start the first
+    pick is the best single trial, so the ensemble is never worse than it on valid."""
+    counts = np.bincount(np.asarray(start, dtype=int), minlength=len(logits)).astype(float)
+    total = sum((c * z for c, z in zip(counts, logits) if c), np.zeros(len(y)))
+    best = (logit_auc(y, total / counts.sum()), counts.copy()) if counts.any() else (-1.0, counts)
+    for _ in range(rounds):
+        n = counts.sum() + 1  # the mean logit: the blend's own logit, so its AUC is the served model's
+        aucs = [logit_auc(y, (total + z) / n) for z in logits]
+        k = int(np.argmax(aucs))
+        total, counts[k] = total + logits[k], counts[k] + 1
+        if aucs[k] > best[0]:
+            best = (aucs[k], counts.copy())
+    return [float(c) for c in best[1] / best[1].sum()], float(best[0])
+
+
+def blend_wins(mode: str, fit: dict[str, Any]) -> bool:
+    """`tune.blend`: always (an ensemble of two or more trials), never, or auto: it beats the best single
+    trial on valid by MIN_BLEND_GAIN."""
+    if mode != "auto" or sum(w > 0 for w in fit["weights"]) < 2:
+        return mode == "always" and sum(w > 0 for w in fit["weights"]) >= 2
+    return fit["valid_auc"] >= max(fit["trial_valid_aucs"]) + MIN_BLEND_GAIN
 
 
 def _valid_auc(rc: tuple[Any, tuple[Any, dict]]) -> float:
@@ -351,60 +366,66 @@ def _valid_auc(rc: tuple[Any, tuple[Any, dict]]) -> float:
 
 
 def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, Any]:
-    """Best valid trial among those with a checkpoint (AUC as of that checkpoint), or, when the search tried
-    both families and a blend of the best LightGBM and the best deep trial beats both on valid by
-    MIN_BLEND_GAIN, that blend: scored on test (the search's only pass over test), bundled atomically."""
+    """Best valid trial among those with a checkpoint (AUC as of that checkpoint), or the ensemble of the
+    best trials (select_ensemble) when it beats it on valid by MIN_BLEND_GAIN: scored on test (the search's
+    only pass over test), bundled atomically."""
     ok = [(r, c) for r in grid if r.error is None and (c := _checkpointed(r, cfg)) and _finite(c[1].get(METRIC))]
     if not ok:
         errors = [f"{os.path.basename(r.path or '?')}: {r.error}" for r in grid if r.error is not None]
         raise RuntimeError("no trial checkpointed a validation AUC"
                            + (": " + "; ".join(errors[:3]) if errors else ""))
 
-    loaded: dict[int, dict[str, Any]] = {}  # the best trial is often also its family's best: loaded once
-
     def load(rc: tuple[Any, tuple[Any, dict]]) -> dict[str, Any]:
-        if id(rc) in loaded:
-            return loaded[id(rc)]
         params = trial_params(cfg, rc[0].config)
         wcfg = trial_config(cfg, params)
         model, arch = best_model(rc[1][0], wcfg, prep["preprocessor"])
-        loaded[id(rc)] = {"model": model, "arch": arch, "cfg": wcfg, "params": params,
-                          "trial_id": rc[1][1].get("trial_id"), "valid_auc": _valid_auc(rc),
-                          "metrics": {k: v for k, v in rc[1][1].items() if _finite(v) or isinstance(v, (str, bool))}}
-        return loaded[id(rc)]
+        return {"model": model, "arch": arch, "cfg": wcfg, "params": params,
+                "trial_id": rc[1][1].get("trial_id"), "valid_auc": _valid_auc(rc),
+                "metrics": {k: v for k, v in rc[1][1].items() if _finite(v) or isinstance(v, (str, bool))}}
 
-    w = load(max(ok, key=_valid_auc))
-    info: dict[str, Any] = {"trial_id": w["trial_id"], "params": w["params"],
-                            "search": storage.join(cfg.run_dir, "tune", "search")}
-    is_gbdt = [trial_params(cfg, r.config).get("model.name", cfg.model.name) == GBDT for r, _ in ok]
-    gbdts, deeps = [rc for rc, g in zip(ok, is_gbdt) if g], [rc for rc, g in zip(ok, is_gbdt) if not g]
-    if gbdts and deeps and cfg.tune.blend != "never":
-        w, info["blend"] = _blend(cfg, prep, load(max(gbdts, key=_valid_auc)), load(max(deeps, key=_valid_auc)), w)
-        info.update(trial_id=w["trial_id"], params=w["params"])
+    ok.sort(key=_valid_auc, reverse=True)
+    info: dict[str, Any] = {"search": storage.join(cfg.run_dir, "tune", "search")}
+    if len(ok) > 1 and cfg.tune.blend != "never":
+        w = _ensemble(cfg, prep, ok[:ENSEMBLE_CANDIDATES], load, info)
+    else:
+        w = load(ok[0])
+    info.update(trial_id=w["trial_id"], params=w["params"])
     out = finish(w["cfg"], prep, w["model"], w["arch"], w["metrics"], path, info=info)
     return {"trial_id": w["trial_id"], "params": w["params"], "best_valid_auc": w["valid_auc"],
             "test": {k: v for k, v in out.items() if k.startswith("test_")}}
 
 
-def _blend(cfg: Config, prep: dict, gbdt: dict, deep: dict, best: dict) -> tuple[dict, dict]:
-    """(the winner: the blend of the two trials when it beats both on valid by MIN_BLEND_GAIN, else `best`;
-    the blend's record for the bundle's info)."""
-    with console.step("blend: best lightgbm + best deep trial, weights on valid") as st:
-        b = fit_blend(cfg, prep, (gbdt["model"], gbdt["arch"]), (deep["model"], deep["arch"]))
-        better = blend_wins(cfg.tune.blend, b)
-        st["done"] = (f"lightgbm x {b['weight_gbdt']:.2f} + {deep['cfg'].model.name} x {1 - b['weight_gbdt']:.2f}: "
-                      f"valid AUC {b['valid_auc']:.4f} vs {b['gbdt_valid_auc']:.4f} / {b['deep_valid_auc']:.4f}: "
-                      + ("the blend wins" if better else f"not {MIN_BLEND_GAIN} better: the best trial wins"))
-    record = {**b, "trials": [gbdt["trial_id"], deep["trial_id"]], "chosen": better}
+def _ensemble(cfg: Config, prep: dict, ranked: list, load: Any, info: dict) -> dict[str, Any]:
+    """The winner among the `ranked` trials (best valid first): their ensemble when blend_wins, else the
+    first; the selection's record goes into the bundle's info["blend"]. Each trial is loaded once for its
+    valid logits and dropped; the chosen ones are loaded again (a search's trials need not fit in memory)."""
+    with console.step(f"ensemble: greedy selection over the best {len(ranked)} trials, on valid") as st:
+        x_cat, x_num, y = read_split(prep["encoded"], "valid", cfg, prep["preprocessor"])
+        logits = [_logits(load(rc)["model"], x_cat, x_num) for rc in ranked]
+        gbdt = [trial_params(cfg, r.config).get("model.name", cfg.model.name) == GBDT for r, _ in ranked]
+        # `always`: the best trial of each family is in it (then the greedy picks)
+        start = [gbdt.index(True), gbdt.index(False)] if cfg.tune.blend == "always" and len(set(gbdt)) == 2 else []
+        weights, auc = select_ensemble(y, logits, start)
+        fit = {"valid_auc": auc, "weights": weights, "trial_valid_aucs": [_valid_auc(rc) for rc in ranked],
+               "trials": [rc[1][1].get("trial_id") for rc in ranked]}
+        better = blend_wins(cfg.tune.blend, fit)
+        parts = [i for i, wt in enumerate(weights) if wt > 0]
+        st["done"] = (f"{len(parts)} of {len(ranked)} trials: valid AUC {auc:.4f} vs best trial "
+                      f"{fit['trial_valid_aucs'][0]:.4f}: " + ("the ensemble wins" if better else
+                                                             f"not {MIN_BLEND_GAIN} better: the best trial wins"))
+    info["blend"] = {**fit, "chosen": better}
     if not better:
-        return best, record
-    weights = [b["weight_gbdt"], 1 - b["weight_gbdt"]]
-    arch = blend_arch([gbdt["arch"], deep["arch"]], weights)
-    return {"model": Blend([gbdt["model"], deep["model"]], weights), "arch": arch,
-            "cfg": deep["cfg"],  # the bundle's settings are the deep trial's; the arch holds both parts
-            "params": {"blend": model_label(arch), gbdt["trial_id"]: gbdt["params"], deep["trial_id"]: deep["params"]},
-            "trial_id": f"blend({gbdt['trial_id']} + {deep['trial_id']})", "valid_auc": b["valid_auc"],
-            "metrics": {METRIC: b["valid_auc"], "final": True}}, record
+        return load(ranked[0])
+    chosen = [load(ranked[i]) for i in parts]
+    ws = [weights[i] for i in parts]
+    arch = blend_arch([c["arch"] for c in chosen], ws)
+    deep = [c for c, g in zip(chosen, (gbdt[i] for i in parts)) if not g]
+    return {"model": Blend([c["model"] for c in chosen], ws), "arch": arch,
+            # the bundle's settings are the best deep part's (the arch holds every part)
+            "cfg": (deep or chosen)[0]["cfg"],
+            "params": {"blend": model_label(arch), **{c["trial_id"]: c["params"] for c in chosen}},
+            "trial_id": "blend(" + " + ".join(c["trial_id"] for c in chosen) + ")", "valid_auc": auc,
+            "metrics": {METRIC: auc, "final": True}}
 
 
 def winner_path(cfg: Config) -> str:

@@ -31,7 +31,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", G
                                             "model.embedding_dim": {"choice": [8, 16, 32]},
                                             "model.cross_layers": {"int": [1, 3]},
                                             "model.numeric_embedding": {"choice": ["none", "periodic"]},
-                                            "model.num_leaves": {"choice": [15, 31, 63, 127]},
+                                            "model.num_leaves": {"choice": [7, 15, 31, 63, 127, 255]},
                                             "model.min_data_in_leaf": {"choice": [20, 50, 100]},
                                             "model.gbdt_learning_rate": {"loguniform": [0.02, 0.1]}}
 # ... and its first two trials: each family at its defaults (TPE's random start then explores around them)
