@@ -31,6 +31,8 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", G
                                             "model.embedding_dim": {"choice": [8, 16, 32]},
                                             "model.cross_layers": {"int": [1, 3]},
                                             "model.numeric_embedding": {"choice": ["none", "periodic"]},
+                                            "model.dropout": {"choice": [0.0, 0.1, 0.3]},
+                                            "train.weight_decay": {"choice": [0.0, 0.01, 0.1]},
                                             "model.num_leaves": {"choice": [7, 15, 31, 63, 127, 255]},
                                             "model.min_data_in_leaf": {"choice": [20, 50, 100]},
                                             "model.gbdt_learning_rate": {"loguniform": [0.02, 0.1]}}
@@ -38,7 +40,7 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", G
 DEFAULT_START: list[dict[str, Any]] = [
     {"model.name": GBDT, "model.num_leaves": 63, "model.min_data_in_leaf": 50, "model.gbdt_learning_rate": 0.05},
     {"model.name": "dcnv2", "train.lr": 0.005, "model.embedding_dim": 16, "model.cross_layers": 3,
-     "model.numeric_embedding": "none"}]
+     "model.numeric_embedding": "none", "model.dropout": 0.0, "train.weight_decay": 0.0}]
 # fixed for the whole search: resources, storage and the trial's own bookkeeping
 FIXED = {"train.num_workers", "train.cpus_per_worker", "train.data_cpus", "train.torch_threads", "train.use_gpu",
          "train.storage_path", "train.max_failures", "train.log_every"}
