@@ -356,9 +356,10 @@ def select_ensemble(y: np.ndarray, logits: list[np.ndarray], start: list[int] = 
 def blend_wins(mode: str, fit: dict[str, Any]) -> bool:
     """`tune.blend`: always (an ensemble of two or more trials), never, or auto: it beats the best single
     trial on valid by MIN_BLEND_GAIN."""
-    if mode != "auto" or sum(w > 0 for w in fit["weights"]) < 2:
-        return mode == "always" and sum(w > 0 for w in fit["weights"]) >= 2
-    return fit["valid_auc"] >= max(fit["trial_valid_aucs"]) + MIN_BLEND_GAIN
+    several = sum(w > 0 for w in fit["weights"]) >= 2
+    if mode != "auto":
+        return mode == "always" and several
+    return several and fit["valid_auc"] >= max(fit["trial_valid_aucs"]) + MIN_BLEND_GAIN
 
 
 def _valid_auc(rc: tuple[Any, tuple[Any, dict]]) -> float:
@@ -401,8 +402,12 @@ def _ensemble(cfg: Config, prep: dict, ranked: list, load: Any, info: dict) -> d
     valid logits and dropped; the chosen ones are loaded again (a search's trials need not fit in memory)."""
     with console.step(f"ensemble: greedy selection over the best {len(ranked)} trials, on valid") as st:
         x_cat, x_num, y = read_split(prep["encoded"], "valid", cfg, prep["preprocessor"])
-        logits = [_logits(load(rc)["model"], x_cat, x_num) for rc in ranked]
-        gbdt = [trial_params(cfg, r.config).get("model.name", cfg.model.name) == GBDT for r, _ in ranked]
+        logits, gbdt, best = [], [], None
+        for rc in ranked:
+            t = load(rc)
+            logits.append(_logits(t["model"], x_cat, x_num))
+            gbdt.append(t["cfg"].model.name == GBDT)
+            best = best or t  # the best trial is kept: the winner when the ensemble is not
         # `always`: the best trial of each family is in it (then the greedy picks)
         start = [gbdt.index(True), gbdt.index(False)] if cfg.tune.blend == "always" and len(set(gbdt)) == 2 else []
         weights, auc = select_ensemble(y, logits, start)
@@ -415,11 +420,11 @@ def _ensemble(cfg: Config, prep: dict, ranked: list, load: Any, info: dict) -> d
                                                              f"not {MIN_BLEND_GAIN} better: the best trial wins"))
     info["blend"] = {**fit, "chosen": better}
     if not better:
-        return load(ranked[0])
+        return best
     chosen = [load(ranked[i]) for i in parts]
     ws = [weights[i] for i in parts]
     arch = blend_arch([c["arch"] for c in chosen], ws)
-    deep = [c for c, g in zip(chosen, (gbdt[i] for i in parts)) if not g]
+    deep = [c for c in chosen if c["cfg"].model.name != GBDT]
     return {"model": Blend([c["model"] for c in chosen], ws), "arch": arch,
             # the bundle's settings are the best deep part's (the arch holds every part)
             "cfg": (deep or chosen)[0]["cfg"],
