@@ -57,7 +57,7 @@ SECTIONS = [
     (f"quality-{name}", f"Quality: {name} (real, not in this repository)",
      f"Issue 18. {src.title}; {src.shape}. Licence: {src.licence}. Fetched from the package registry by "
      "`benchmarks/realdata.py`, config `configs/real/" + name + ".yaml` written from the README. Same models "
-     "as above (2 seeds); LightGBM tuned on a 12-point grid. Target: the tuned winner >= LightGBM tuned and >= "
+     "as above (2 seeds); LightGBM tuned on a 12-point grid, and the same refit on train + valid. Target: the tuned winner >= LightGBM tuned and >= "
      "the best deep model.",
      [PY, "benchmarks/quality.py", "--dataset", name, "--seeds", "2", "--set", f"run.name=bench-{name}"])
     for name, src in SOURCES.items()
@@ -76,6 +76,11 @@ SECTIONS = [
      "(the default: Serve's proxy in front) and `direct` (the replica answers on the port itself). Target at "
      "16 clients: Serve QPS >= bare, p99 <= 1.5x.",
      [PY, "benchmarks/bench_serve.py", "--duration", "6", "--concurrency", "1,8,16,32"]),
+    ("score", "Batch scoring: `rankray score`",
+     "Issue 19. Rows/s of `rankray score` (scorer actors, one per CPU) against a bare one-process loop with "
+     "the same scoring function, on generated rows; the driver's peak memory from 1M to 10M rows. Target: "
+     "driver memory flat (<= 1.1x).",
+     [PY, "benchmarks/bench_score.py", "--rows", "1000000,10000000"]),
     ("demo", "`make demo`: the whole pipeline on the embedded default",
      "The pipeline as `make demo ARGS=--no-wait` runs it, on a fresh run name (the generated data of the "
      "quality section reused): prepare, search, baseline, gate, deploy, smoke request.",

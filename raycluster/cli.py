@@ -163,6 +163,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from raycluster.rayinit import ensure_ray
+    from training.batchscore import score
+    from training.bundle import load_bundle
+    from training.data import s3_options
+
+    cfg = load_bundle(args.model)[2]["config"]
+    _announce(ensure_ray(cfg, job_name=f"{cfg.run.name}-score"))
+    summary = score(args.model, args.data, args.out, keep=args.keep, top_k=args.top_k, group=args.group,
+                    batch_size=args.batch_size, s3=s3_options(cfg))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from raycluster.serve import run_server
 
@@ -207,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/evaluation)")
     ev.set_defaults(fn=cmd_evaluate)
+    sc = sub.add_parser("score", help="batch-score Parquet rows with a bundle: a score per row, or the top K per group")
+    sc.add_argument("--model", required=True, help="bundle directory (local or s3://)")
+    sc.add_argument("--data", required=True, help="Parquet file, directory or glob (local or s3://): raw rows")
+    sc.add_argument("--out", required=True, help="output directory (local or s3://); rerun to resume")
+    sc.add_argument("--keep", nargs="+", default=None, metavar="COL",
+                    help="input columns written beside the score (default: all of them)")
+    sc.add_argument("--top-k", type=int, default=None, help="write only the best K rows of each --group, ranked")
+    sc.add_argument("--group", default=None, help="the column whose groups --top-k ranks within (e.g. the user)")
+    sc.add_argument("--batch-size", type=int, default=65536, help="rows a scorer reads and scores at once")
+    sc.set_defaults(fn=cmd_score)
     sv = sub.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (/rank, /predict, /model, /docs)")
     sv.add_argument("--model", required=True, help="bundle directory (local or s3://)")
     sv.add_argument("--config", default=None, help="config YAML whose serve section is used (default: the bundle's)")

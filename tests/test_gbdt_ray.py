@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import httpx
+import lightgbm
 import numpy as np
 import optuna
 import pyarrow.parquet as pq
@@ -19,13 +20,14 @@ from tests.helpers import SMALL_FEATURES, served, small_table
 from training.bundle import load_bundle, verify_samples
 from training.config import ConfigError, load_config
 from training.evaluate import evaluate_raw
+from training.gbdt import params_of
 from training.models import GBDT, Blend, model_label
 from training.prepare import ensure_prepared
 from training.reader import read_split
 from training.scoring import forward, score_rows
 from training.trainer import train
 from tune.search import MIN_BLEND_GAIN, blend_wins, logit_auc, run_search, select_ensemble
-from tune.space import DEFAULT_SPACE, GBDT_KEYS, parse_space, start_points
+from tune.space import DEFAULT_SPACE, GBDT_KEYS, parse_space, start_points, trial_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -88,19 +90,23 @@ def test_default_space_is_conditional_on_the_model_family(tmp_path):
         seen.add(name)
         if name == "lightgbm":
             assert keys == {"model.name", *GBDT_KEYS} & set(DEFAULT_SPACE), keys
+        elif name == "logreg":  # no model.* knob: its learning rate and weight decay
+            assert keys == {"model.name", "train.lr", "train.weight_decay"}, keys
         else:
-            assert keys and not keys & GBDT_KEYS, keys
+            assert {"model.numeric_embedding", "model.cross_layers", "train.lr"} <= keys and not keys & GBDT_KEYS, keys
         study.tell(trial, 0.5)
-    assert seen == {"dcnv2", "lightgbm"}
-    # the default search starts from each family's defaults
-    assert [p["model.name"] for p in start_points(cfg)] == ["lightgbm", "dcnv2"]
+    assert seen == {"dcnv2", "lightgbm", "logreg"}
+    # the default search starts from each model's defaults
+    assert [p["model.name"] for p in start_points(cfg)] == ["lightgbm", "dcnv2", "logreg"]
 
 
 def test_a_key_no_trial_uses_fails_before_any_work(tmp_path):
     base = _cfg(tmp_path).model_dump(mode="json")
     cases = [("dcnv2", {"model.num_leaves": {"int": [7, 63]}}, "model.num_leaves: model.num_leaves is a lightgbm"),
              ("lightgbm", {"train.lr": {"loguniform": [0.001, 0.01]}}, "train.lr: train.lr is a deep-model parameter"),
-             ("dcnv2", {"model.name": {"uniform": [0, 1]}}, "model.name: the model is searched as {choice")]
+             ("dcnv2", {"model.name": {"uniform": [0, 1]}}, "model.name: the model is searched as {choice"),
+             ("deepfm", {"model.numeric_embedding": {"choice": ["none", "periodic"]}},
+              "model.numeric_embedding: model.numeric_embedding is a dcnv2 parameter")]
     for name, space, msg in cases:
         with pytest.raises(ConfigError, match=re.escape(f"tune.search_space.{msg}")):
             parse_space(load_config(raw={**base, "model": {"name": name}, "tune": {"search_space": space}}))
@@ -137,10 +143,21 @@ def test_search_spans_lightgbm_and_deep_and_exports_a_served_blend(tmp_path, ser
     assert blend["trial_valid_aucs"] == sorted(r["best_valid_auc"] for r in res.table)[::-1]
     used = [w for w in blend["weights"] if w > 0]
     assert meta["arch"]["weights"] == pytest.approx(used) and sum(used) == pytest.approx(1) and len(used) >= 2
-    # the bundle's model is the ensemble that was selected: its valid AUC, recomputed
-    x_cat, x_num, y = read_split(ensure_prepared(cfg)["encoded"], "valid", cfg, pp)
-    assert logit_auc(y, forward(model, x_cat, x_num, logits=True)) == pytest.approx(blend["valid_auc"], abs=1e-6)
     assert blend["valid_auc"] > 0.7 and res.winner["best_valid_auc"] == blend["valid_auc"]
+    # tune.refit (default): the LightGBM part is refit on train + valid with the trees its trial chose; the
+    # same booster fitted here by hand on those rows gives the bundle's scores
+    (refit,) = meta["info"]["refit"]
+    enc = ensure_prepared(cfg)["encoded"]
+    (*tr, y_tr), (*va, y_va) = (read_split(enc, s, cfg, pp) for s in ("train", "valid"))
+    trees = {r["trial"]: r["trees"] for r in by_name["lightgbm"]}[refit["trial_id"]]
+    assert refit["rows"] == len(y_tr) + len(y_va) and refit["rounds"] == trees
+    (part,) = [m for m in model.parts if isinstance(m, GBDT)]
+    tcfg = trial_config(cfg, meta["info"]["params"][refit["trial_id"]])
+    both = lightgbm.Dataset(np.concatenate([GBDT.features(*x) for x in (tr, va)]), np.concatenate([y_tr, y_va]),
+                            categorical_feature=list(range(len(pp.cat_columns))))
+    hand = lightgbm.train(params_of(tcfg, 1), both, num_boost_round=trees)
+    np.testing.assert_allclose(forward(part, *va, logits=True), hand.predict(GBDT.features(*va), raw_score=True),
+                               rtol=0, atol=1e-5)
     assert res.winner["trial_id"].startswith("blend(")
     assert meta["metrics"]["test_passes"] == 1 and res.winner["test"]["test_auc"] > 0.7
     with safe_open(f"{res.bundle}/weights.safetensors", framework="pt") as f:

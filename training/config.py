@@ -218,6 +218,8 @@ class TuneConfig(_Strict):
     # auto: the winner is an ensemble of the best trials (greedy selection on valid) when it beats the best
     # trial on valid by 0.0005 AUC; always: the ensemble (from the best of each family), never: the best trial
     blend: Literal["auto", "always", "never"] = "auto"
+    # the winner's LightGBM parts refit on train + valid with the trees early stopping chose (deep parts as trained)
+    refit: bool = True
 
 
 class PipelineConfig(_Strict):

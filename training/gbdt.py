@@ -1,11 +1,12 @@
 """`model.name: lightgbm`: a LightGBM booster fitted on the same encoded train split the deep models read,
 with early stopping on valid AUC, as one Ray task holding every CPU the run asks for (num_workers x
-cpus_per_worker). The categorical slots are LightGBM's native categoricals, the numerics as encoded. The
-result is a `training.models.GBDT`, which the driver scores on test and bundles like any other model.
+cpus_per_worker). The categorical slots are LightGBM's native categoricals (a multi-hot field's slots
+each one), the numerics as encoded. The result is a `training.models.GBDT`, which the driver scores on
+test and bundles like any other model.
 
 `rankray tune` searches it beside the deep models (tune.space: a conditional space; a trial fits it in its
-own process). Not yet: Ray Train's distributed LightGBM over several workers, and multi-hot as bags (each
-slot is its own categorical column here)."""
+own process). The search's winner refits its LightGBM parts on train + valid (`refit_gbdt`, tune.refit).
+Not yet: Ray Train's distributed LightGBM over several workers."""
 from __future__ import annotations
 
 import math
@@ -33,7 +34,8 @@ def params_of(cfg: Config, threads: int) -> dict[str, Any]:
             "num_threads": threads, "seed": cfg.train.seed, "verbosity": -1, "deterministic": True}
 
 
-def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int) -> dict[str, Any]:
+def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int, rounds: int | None = None) -> dict[str, Any]:
+    """Early stopping on valid (rounds None), or a refit: `rounds` trees on train + valid, nothing held out."""
     import lightgbm
 
     cfg, pp = Config.model_validate(cfg_json), Preprocessor.from_json(pp_json)
@@ -41,6 +43,12 @@ def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int) -> dict[str, 
     (*tr, y_tr), (*va, y_va) = (read_split(encoded, s, cfg, pp) for s in ("train", "valid"))
     x_tr, x_va = GBDT.features(*tr), GBDT.features(*va)
     cats = list(range(len(pp.cat_columns)))
+    if rounds is not None:
+        both = lightgbm.Dataset(np.concatenate([x_tr, x_va]), np.concatenate([y_tr, y_va]),
+                                categorical_feature=cats, free_raw_data=True)
+        booster = lightgbm.train(params_of(cfg, threads), both, num_boost_round=rounds)
+        return {"model_text": booster.model_to_string(), "rows": len(y_tr) + len(y_va), "rounds": rounds,
+                "seconds": time.time() - t0}
     train_set = lightgbm.Dataset(x_tr, y_tr, categorical_feature=cats, free_raw_data=True)
     valid_set = lightgbm.Dataset(x_va, y_va, categorical_feature=cats, reference=train_set)
     curve: dict[str, Any] = {}
@@ -60,19 +68,31 @@ def _fit(cfg_json: dict, pp_json: str, encoded: str, threads: int) -> dict[str, 
             "train_seconds": seconds, "history": history, **{f"valid_{k}": v for k, v in valid.items()}}
 
 
+def _run(cfg: Config, pp: Preprocessor, encoded: str, here: bool, rounds: int | None = None) -> dict[str, Any]:
+    cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+    args = (cfg.model_dump(mode="json"), pp.to_json(), encoded, max(1, math.ceil(cpus)), rounds)
+    if here:
+        return _fit(*args)
+    # DEFAULT: not into the caller's placement group (a several-worker Tune trial's driver holds 0 CPU in
+    # its own); the search's resource check reserved these CPUs for the trial's workers
+    task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0),
+                                    scheduling_strategy="DEFAULT")
+    return ray.get(task.remote(*args))
+
+
+def refit_gbdt(cfg: Config, pp: Preprocessor, encoded: str, model: GBDT) -> dict[str, Any]:
+    """Refit `model` in place on train + valid with as many trees as it has (the count early stopping chose
+    on valid), its trial's settings (`cfg`): the rows valid held out become training rows too. As a Ray task
+    with the trial's CPUs. Returns {rows, rounds, seconds}."""
+    out = _run(cfg, pp, encoded, here=False, rounds=model.trees)
+    model.set_booster_text(out.pop("model_text"))
+    return out
+
+
 def fit_gbdt(cfg: Config, pp: Preprocessor, encoded: str, *, here: bool = False) -> tuple[GBDT, dict[str, Any], dict[str, Any]]:
     """(model, arch, metrics) of a LightGBM fit on the encoded splits: as a Ray task holding num_workers x
     cpus_per_worker CPUs, or `here` in this process (a Tune trial that already holds its CPUs)."""
-    cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
-    args = (cfg.model_dump(mode="json"), pp.to_json(), encoded, max(1, math.ceil(cpus)))
-    if here:
-        out = _fit(*args)
-    else:
-        # DEFAULT: not into the caller's placement group (a several-worker Tune trial's driver holds 0 CPU in
-        # its own); the search's resource check reserved these CPUs for the trial's workers
-        task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0),
-                                        scheduling_strategy="DEFAULT")
-        out = ray.get(task.remote(*args))
+    out = _run(cfg, pp, encoded, here)
     fields = fields_of(pp)
     model = GBDT(fields, len(pp.num_columns))
     model.set_booster_text(out.pop("model_text"))

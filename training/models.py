@@ -340,7 +340,8 @@ class GBDT(_Ranker):
     """A LightGBM booster behind the same interface, so it is scored, bundled and served like the deep models
     (training.scoring.forward). Its state is LightGBM's own text model format as a uint8 tensor
     (`model_text`, in weights.safetensors: no pickle); the categorical slots are its native categoricals
-    (one column per slot, ids as the encoder gives them), the numerics as they are. Trained by
+    (one column per slot, ids as the encoder gives them; a bag of a multi-hot field's most frequent values
+    instead measured no better: docs/benchmark-notes.md), the numerics as they are. Trained by
     training.gbdt, not by gradient steps: `fields`/`num_numeric` fix the input layout only."""
 
     def __init__(self, fields: Sequence[FieldSpec], num_numeric: int) -> None:
@@ -353,6 +354,10 @@ class GBDT(_Ranker):
 
         self.model_text = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         self._booster = lightgbm.Booster(model_str=text)
+
+    @property
+    def trees(self) -> int:
+        return self._booster.current_iteration()
 
     def _load_from_state_dict(self, state: Any, prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:

@@ -40,7 +40,7 @@ from training.config import Config, ConfigError, config_with, dump_config, finge
 from training.data import s3_options
 from training.evalmetrics import roc_auc
 from training.features import Preprocessor
-from training.gbdt import fit_gbdt
+from training.gbdt import fit_gbdt, refit_gbdt
 from training.loop import TuneSession, run_loop
 from training.prepare import ensure_prepared
 from training.models import Blend, blend_arch, model_label
@@ -390,6 +390,8 @@ def export_winner(cfg: Config, prep: dict, grid: Any, path: str) -> dict[str, An
         w = _ensemble(cfg, prep, ok[:ENSEMBLE_CANDIDATES], load, info)
     else:
         w = load(ok[0])
+    if cfg.tune.refit:
+        _refit(prep, w.get("parts", [w]), info)
     info.update(trial_id=w["trial_id"], params=w["params"])
     out = finish(w["cfg"], prep, w["model"], w["arch"], w["metrics"], path, info=info)
     return {"trial_id": w["trial_id"], "params": w["params"], "best_valid_auc": w["valid_auc"],
@@ -425,12 +427,26 @@ def _ensemble(cfg: Config, prep: dict, ranked: list, load: Any, info: dict) -> d
     ws = [weights[i] for i in parts]
     arch = blend_arch([c["arch"] for c in chosen], ws)
     deep = [c for c in chosen if c["cfg"].model.name != GBDT]
-    return {"model": Blend([c["model"] for c in chosen], ws), "arch": arch,
+    return {"model": Blend([c["model"] for c in chosen], ws), "arch": arch, "parts": chosen,
             # the bundle's settings are the best deep part's (the arch holds every part)
             "cfg": (deep or chosen)[0]["cfg"],
             "params": {"blend": model_label(arch), **{c["trial_id"]: c["params"] for c in chosen}},
             "trial_id": "blend(" + " + ".join(c["trial_id"] for c in chosen) + ")", "valid_auc": auc,
             "metrics": {METRIC: auc, "final": True}}
+
+
+def _refit(prep: dict, parts: list[dict[str, Any]], info: dict) -> None:
+    """`tune.refit`: each LightGBM part of the winner refit on train + valid (training.gbdt.refit_gbdt) with
+    the trees its trial's early stopping chose; deep parts stay as trained. The winner's valid AUC stays the
+    one measured before (valid is in-sample after), its test AUC is the refit model's."""
+    todo = [p for p in parts if p["cfg"].model.name == GBDT]
+    if not todo:
+        return
+    with console.step(f"refit: {len(todo)} LightGBM part(s) on train + valid") as st:
+        done = [{"trial_id": p["trial_id"], **refit_gbdt(p["cfg"], prep["preprocessor"], prep["encoded"], p["model"])}
+                for p in todo]
+        st["done"] = f"{done[0]['rows']:,} rows, " + ", ".join(f"{d['rounds']} trees" for d in done)
+    info["refit"] = done
 
 
 def winner_path(cfg: Config) -> str:

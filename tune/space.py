@@ -9,8 +9,10 @@ prepared once per search, and the resources of a trial are fixed so trials never
 The space spans model families: `model.name` may itself be searched (`{choice: [dcnv2, lightgbm]}`), and
 each key belongs to a family: `model.num_leaves`, `model.min_data_in_leaf`, `model.gbdt_learning_rate` and
 `model.num_boost_round` to `lightgbm`; every other `model.*` and `train.*` key (but `train.seed`) to the
-deep models. A trial samples `model.name` first, then only its own family's keys: a LightGBM trial never
-draws a learning rate it would ignore, and TPE models each family apart (`group=True`).
+deep models, of which `model.cross_layers`, `model.cross_rank` and `model.numeric_embedding` are dcnv2's
+only, and logreg samples no `model.*` key. A trial samples `model.name` first, then only the keys its
+model uses (`uses`): a LightGBM trial never draws a learning rate it would ignore, and TPE models each
+model apart (`group=True`).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ GBDT = "lightgbm"
 GBDT_KEYS = frozenset({"model.num_leaves", "model.min_data_in_leaf", "model.gbdt_learning_rate",
                        "model.num_boost_round"})
 SHARED_KEYS = frozenset({"model.name", "train.seed"})
+DCNV2_KEYS = frozenset({"model.cross_layers", "model.cross_rank", "model.numeric_embedding"})
 # used when tune.search_space is empty: both families, with the knobs that matter most for each
-DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", GBDT]},
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", GBDT, "logreg"]},
                                             "train.lr": {"loguniform": [0.001, 0.01]},
                                             "model.embedding_dim": {"choice": [8, 16, 32]},
                                             "model.cross_layers": {"int": [1, 3]},
@@ -36,11 +39,15 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {"model.name": {"choice": ["dcnv2", G
                                             "model.num_leaves": {"choice": [7, 15, 31, 63, 127, 255]},
                                             "model.min_data_in_leaf": {"choice": [20, 50, 100]},
                                             "model.gbdt_learning_rate": {"loguniform": [0.02, 0.1]}}
-# ... and its first two trials: each family at its defaults (TPE's random start then explores around them)
+# ... and its first three trials: each model at its defaults (TPE's random start then explores around them).
+# logreg is cheap and errs unlike the others: a linear part the winner's ensemble can take (on a drifting
+# time split it generalises best of all)
+_DEEP_DEFAULTS = {"train.lr": 0.005, "model.embedding_dim": 16, "model.cross_layers": 3,
+                  "model.numeric_embedding": "none", "model.dropout": 0.0, "train.weight_decay": 0.0}
 DEFAULT_START: list[dict[str, Any]] = [
     {"model.name": GBDT, "model.num_leaves": 63, "model.min_data_in_leaf": 50, "model.gbdt_learning_rate": 0.05},
-    {"model.name": "dcnv2", "train.lr": 0.005, "model.embedding_dim": 16, "model.cross_layers": 3,
-     "model.numeric_embedding": "none", "model.dropout": 0.0, "train.weight_decay": 0.0}]
+    {"model.name": "dcnv2", **_DEEP_DEFAULTS},
+    {"model.name": "logreg", "train.lr": _DEEP_DEFAULTS["train.lr"], "train.weight_decay": 0.0}]
 # fixed for the whole search: resources, storage and the trial's own bookkeeping
 FIXED = {"train.num_workers", "train.cpus_per_worker", "train.data_cpus", "train.torch_threads", "train.use_gpu",
          "train.storage_path", "train.max_failures", "train.log_every"}
@@ -105,6 +112,16 @@ def _family_of(name: str) -> str:
     return GBDT if name == GBDT else "deep"
 
 
+def uses(name: str, key: str) -> bool:
+    """Whether a trial of model `name` samples `key`: its family's keys, less what the model has no use for
+    (dcnv2's own keys elsewhere; logreg has no model.* knob: its learning rate and weight decay are train.*)."""
+    if family(key) not in (None, _family_of(name)):
+        return False
+    if key in DCNV2_KEYS:
+        return name == "dcnv2"
+    return not (name == "logreg" and key.startswith("model.") and key not in SHARED_KEYS)
+
+
 def model_names(cfg: Config) -> list[str]:
     """The model names a trial may have: `model.name`'s choices when it is searched, else the config's."""
     spec = search_space(cfg).get("model.name")
@@ -117,7 +134,7 @@ def model_names(cfg: Config) -> list[str]:
 
 def keys_for(cfg: Config, name: str) -> list[str]:
     """The keys of the space a trial of model `name` samples."""
-    return [k for k in search_space(cfg) if family(k) in (None, _family_of(name))]
+    return [k for k in search_space(cfg) if uses(name, k)]
 
 
 class Space:
@@ -130,7 +147,7 @@ class Space:
     def __call__(self, trial: Any) -> None:
         name = self._suggest(trial, "model.name") if "model.name" in self.specs else self.base_name
         for key in self.specs:
-            if key != "model.name" and family(key) in (None, _family_of(name)):
+            if key != "model.name" and uses(name, key):
                 self._suggest(trial, key)
 
     def _suggest(self, trial: Any, key: str) -> Any:
@@ -173,7 +190,6 @@ def parse_space(cfg: Config) -> Space:
     model names, `tune.start_points`). Raises ConfigError naming the key."""
     space = search_space(cfg)
     names = model_names(cfg)
-    families = {_family_of(n) for n in names}
     specs: dict[str, tuple[str, Any]] = {}
     for key, spec in space.items():
         _check_key(cfg, key)
@@ -181,8 +197,9 @@ def parse_space(cfg: Config) -> Space:
             raise ConfigError(f"{_where(key)}: expected one of {{{', '.join(k + ': ...' for k in KINDS)}}}, "
                               f"got {spec!r}")
         fam = family(key)
-        if fam is not None and fam not in families:
-            what = "a lightgbm parameter" if fam == GBDT else "a deep-model parameter (lightgbm does not use it)"
+        if not any(uses(n, key) for n in names):
+            what = "a lightgbm parameter" if fam == GBDT else "a dcnv2 parameter" if key in DCNV2_KEYS else \
+                "a deep-model parameter (lightgbm does not use it)"
             raise ConfigError(f"{_where(key)}: {key} is {what}, and no trial trains such a model "
                               f"(model.name: {' or '.join(names)}); search model.name too, or drop {key}")
         kind, arg = next(iter(spec.items()))
