@@ -86,6 +86,7 @@ def smoke_request(url: str, pp: Preprocessor, meta: dict[str, Any], api_key: str
 def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False) -> dict[str, Any]:
     from raycluster.rayinit import ensure_ray
     from training.prepare import data_fingerprint, ensure_prepared, format_profile
+    from training.resources import check_resources, nodes_for, resolve_device
     from training.trainer import train
     from tune.search import run_search, search_fingerprint, winner_path
 
@@ -96,47 +97,52 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
     total = 4 + (1 if cfg.pipeline.baseline else 0) + (2 if cfg.pipeline.deploy else 0)
     s3 = s3_options(cfg)
 
-    def data() -> dict:
-        prep = ensure_prepared(cfg)
-        print(format_profile(prep["profile"]), flush=True)
-        return {"encoded": prep["encoded"], "rows": prep["profile"]["rows_by_split"]}
+    # what the run holds at once, checked before any data work against what the cluster has or its autoscaler
+    # can start, and asked of the autoscaler until the search and the baselines are done
+    use_gpu = resolve_device(cfg)[0]
+    check_resources(cfg, use_gpu, trials=cfg.tune.max_concurrent_trials)
+    with nodes_for(cfg, use_gpu, cfg.tune.max_concurrent_trials):
+        def data() -> dict:
+            prep = ensure_prepared(cfg)
+            print(format_profile(prep["profile"]), flush=True)
+            return {"encoded": prep["encoded"], "rows": prep["profile"]["rows_by_split"]}
 
-    st.run("profile, split, fit and encode", data_fingerprint(cfg), data, total,
-           lambda o: storage.exists(o["encoded"], s3))
+        st.run("profile, split, fit and encode", data_fingerprint(cfg), data, total,
+               lambda o: storage.exists(o["encoded"], s3))
 
-    bundle = winner_path(cfg)
+        bundle = winner_path(cfg)
 
-    def search() -> dict:
-        res = run_search(cfg, restart=restart_search, export_path=bundle)
-        from tune.search import format_table
-        print("\n" + format_table(res.table), flush=True)
-        return {"bundle": res.bundle, "trial": res.winner["trial_id"], "params": res.winner["params"],
-                "best_valid_auc": res.winner["best_valid_auc"], "test": res.winner["test"],
-                "results_html": res.results_html, "results_csv": res.results_csv}
+        def search() -> dict:
+            res = run_search(cfg, restart=restart_search, export_path=bundle)
+            from tune.search import format_table
+            print("\n" + format_table(res.table), flush=True)
+            return {"bundle": res.bundle, "trial": res.winner["trial_id"], "params": res.winner["params"],
+                    "best_valid_auc": res.winner["best_valid_auc"], "test": res.winner["test"],
+                    "results_html": res.results_html, "results_csv": res.results_csv}
 
-    won = st.run("tune (Ray Tune + Optuna + ASHA)", search_fingerprint(cfg) + bundle, search, total,
-                 lambda o: storage.exists(storage.join(o["bundle"], "manifest.json"), s3))
-    print(f"    winner {won['trial']} {json.dumps(won['params'])}: valid AUC {won['best_valid_auc']:.4f}", flush=True)
+        won = st.run("tune (Ray Tune + Optuna + ASHA)", search_fingerprint(cfg) + bundle, search, total,
+                     lambda o: storage.exists(storage.join(o["bundle"], "manifest.json"), s3))
+        print(f"    winner {won['trial']} {json.dumps(won['params'])}: valid AUC {won['best_valid_auc']:.4f}", flush=True)
 
-    st.run("evaluate the winner on test", won["bundle"] + json.dumps(won["test"]),
-           lambda: _show_test(won), total)
+        st.run("evaluate the winner on test", won["bundle"] + json.dumps(won["test"]),
+               lambda: _show_test(won), total)
 
-    baseline_auc = gbdt_auc = None
-    if cfg.pipeline.baseline:
-        def baseline() -> dict:
-            out = {}
-            for name in ("logreg", "lightgbm"):
-                res = train(config_with(cfg, {"model.name": name}), run_name=f"{cfg.run.name}-{name}",
-                            write_bundle=False)
-                out[name] = {"test_auc": res.metrics["test_auc"], "best_valid_auc": res.metrics["best_valid_auc"]}
-            return out
+        baseline_auc = gbdt_auc = None
+        if cfg.pipeline.baseline:
+            def baseline() -> dict:
+                out = {}
+                for name in ("logreg", "lightgbm"):
+                    res = train(config_with(cfg, {"model.name": name}), run_name=f"{cfg.run.name}-{name}",
+                                write_bundle=False)
+                    out[name] = {"test_auc": res.metrics["test_auc"], "best_valid_auc": res.metrics["best_valid_auc"]}
+                return out
 
-        # the baselines depend on the data and the training settings, not on the search
-        base = st.run("baselines: logreg and lightgbm on the same split",
-                      fingerprint(cfg, {"data": (), "features": (), "train": (), "model": ()}, extra={"baselines": 2}),
-                      baseline, total)
-        baseline_auc, gbdt_auc = base["logreg"]["test_auc"], base["lightgbm"]["test_auc"]
-        print(f"    logreg test AUC {baseline_auc:.4f}, lightgbm test AUC {gbdt_auc:.4f}", flush=True)
+            # the baselines depend on the data and the training settings, not on the search
+            base = st.run("baselines: logreg and lightgbm on the same split",
+                          fingerprint(cfg, {"data": (), "features": (), "train": (), "model": ()}, extra={"baselines": 2}),
+                          baseline, total)
+            baseline_auc, gbdt_auc = base["logreg"]["test_auc"], base["lightgbm"]["test_auc"]
+            print(f"    logreg test AUC {baseline_auc:.4f}, lightgbm test AUC {gbdt_auc:.4f}", flush=True)
 
     st.banner("gate", total)
     print("    " + gate(cfg, won["test"]["test_auc"], baseline_auc, gbdt_auc), flush=True)

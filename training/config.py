@@ -261,6 +261,11 @@ class RayConfig(_Strict):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     include_dashboard: bool = True
+    # the autoscaler's node types (a `ray up` cluster config: available_node_types, max_workers): what the
+    # cluster can grow to. Default: ~/ray_bootstrap_config.yaml when it exists (on a `ray up` head, where a
+    # submitted job runs), else the cluster is what is up now
+    autoscaler_config: str | None = None
+    resource_timeout_s: float = Field(default=600.0, gt=0)  # how long to wait for the autoscaler's nodes
 
 
 class RunConfig(_Strict):

@@ -25,7 +25,7 @@ from training.loop import Plan, train_loop
 from training.models import model_arch, model_from_arch, model_label
 from training.prepare import ensure_prepared
 from training.reader import encoded_datasets
-from training.resources import check_resources, resolve_device
+from training.resources import check_resources, nodes_for, resolve_device
 from training.scoring import fields_of
 from training.sizing import sized
 
@@ -123,7 +123,15 @@ def _render_train(bar: console.Bar) -> Any:
 
 def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None = None,
           write_bundle: bool = True) -> TrainResult:
-    """Train one model as the config says, score test once; write its bundle (with report) unless told not to."""
+    """Train one model as the config says, score test once; write its bundle (with report) unless told not to.
+    What it needs from the cluster is checked before any data work, and asked of the autoscaler."""
+    use_gpu = resolve_device(cfg)[0] and cfg.model.name != "lightgbm"
+    check_resources(cfg, use_gpu)
+    with nodes_for(cfg, use_gpu):
+        return _train(cfg, run_name, bundle_path, write_bundle)
+
+
+def _train(cfg: Config, run_name: str | None, bundle_path: str | None, write_bundle: bool) -> TrainResult:
     t0 = time.time()
     prep = ensure_prepared(cfg)
     pp = prep["preprocessor"]
