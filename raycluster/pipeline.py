@@ -86,7 +86,7 @@ def smoke_request(url: str, pp: Preprocessor, meta: dict[str, Any], api_key: str
 def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False) -> dict[str, Any]:
     from raycluster.rayinit import ensure_ray
     from training.prepare import data_fingerprint, ensure_prepared, format_profile
-    from training.resources import check_resources, nodes_for, resolve_device
+    from training.resources import held
     from training.trainer import train
     from tune.search import run_search, search_fingerprint, winner_path
 
@@ -99,9 +99,7 @@ def run_pipeline(cfg: Config, *, wait: bool = True, restart_search: bool = False
 
     # what the run holds at once, checked before any data work against what the cluster has or its autoscaler
     # can start, and asked of the autoscaler until the search and the baselines are done
-    use_gpu = resolve_device(cfg)[0]
-    check_resources(cfg, use_gpu, trials=cfg.tune.max_concurrent_trials)
-    with nodes_for(cfg, use_gpu, cfg.tune.max_concurrent_trials):
+    with held(cfg, cfg.tune.max_concurrent_trials):
         def data() -> dict:
             prep = ensure_prepared(cfg)
             print(format_profile(prep["profile"]), flush=True)

@@ -29,6 +29,7 @@ import ray
 from training import console, storage
 from training.bundle import load_bundle, verify_samples
 from training.features import DataError
+from training.scoring import score_columns
 
 SCORE, RANK = "score", "rank"
 SCORES_DIR = "_scores"  # per-file scores under DST when the output is the top K per group
@@ -42,27 +43,22 @@ def output_name(src_root: str, path: str) -> str:
     return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:10]}.parquet"
 
 
-def check_inputs(files: list[str], fs: Any, needed: list[str], keep: list[str], group: str | None,
-                 where: str) -> pa.Schema:
-    """Every input file has the columns the bundle scores (and `keep`, the group): checked on the footers
-    before any row is read; the error names the file and the columns. Returns the output's schema."""
-    out_schema = None
+def check_inputs(files: list[str], fs: Any, needed: list[str], keep: list[str], where: str) -> None:
+    """Every input file has the columns the bundle scores and the `keep` ones (the group among them): checked
+    on the footers before any row is read; the error names the file and the columns."""
+    for c in (SCORE, RANK):
+        if c in keep:
+            raise DataError(f"{where}: input column {c!r} would be overwritten by the output's own {c!r}; "
+                            f"leave it out of --keep")
     for f in files:
         try:
             schema = pq.read_schema(fs.open_input_file(f))
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(f"{where}: {f}: not a readable Parquet file ({e})") from None
-        missing = [c for c in dict.fromkeys(needed + keep + ([group] if group else [])) if c not in schema.names]
+        missing = [c for c in dict.fromkeys(needed + keep) if c not in schema.names]
         if missing:
             raise DataError(f"{where}: {f} has no column {', '.join(map(repr, missing))} "
                             f"(the bundle scores {needed}; it has {schema.names})")
-        for c in (SCORE, RANK):
-            if c in keep:
-                raise DataError(f"{where}: input column {c!r} would be overwritten by the output's own {c!r}; "
-                                f"leave it out of --keep")
-        sel = pa.schema([schema.field(c) for c in keep]).append(pa.field(SCORE, pa.float32()))
-        out_schema = out_schema or sel
-    return out_schema
 
 
 @ray.remote
@@ -79,8 +75,6 @@ class Scorer:
         self.s3 = s3
 
     def score_file(self, src: str, dst: str, keep: list[str], batch_size: int) -> dict[str, Any]:
-        from training.scoring import score_columns
-
         t0 = time.time()
         fs_in, p_in = storage.filesystem(src, self.s3)
         fs_out, out = storage.filesystem(dst, self.s3)
@@ -145,10 +139,9 @@ def score(bundle: str, src: str, dst: str, *, keep: list[str] | None = None, top
     fs, root = storage.filesystem(src, s3)
     info = fs.get_file_info(root)
     root = root if info.type == storage.pafs.FileType.Directory else posixpath.dirname(files[0])
-    keep = list(keep) if keep is not None else [c for c in pq.read_schema(fs.open_input_file(files[0])).names]
-    check_inputs(files, fs, pp.input_columns, keep + ([group] if group and group not in keep else []), group,
-                 "--data")
-    keep = keep + ([group] if group and group not in keep else [])
+    keep = list(keep) if keep is not None else pq.read_schema(fs.open_input_file(files[0])).names
+    keep += [group] if group and group not in keep else []
+    check_inputs(files, fs, pp.input_columns, keep, "--data")
     scores_dir = storage.join(dst, SCORES_DIR) if top_k else dst
     prefix = "s3://" if storage.is_s3(src) else ""
     todo, done = [], 0

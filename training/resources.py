@@ -181,6 +181,16 @@ def nodes_for(cfg: Config, use_gpu: bool, trials: int = 1, *, live: Callable[[],
         request_resources(bundles=[])
 
 
+@contextmanager
+def held(cfg: Config, trials: int = 1, *, gbdt_only: bool = False) -> Iterator[None]:
+    """A run's resources, before any data work: the device decided, checked against what the cluster has or can
+    grow to, and held from the autoscaler (nodes_for) for the body."""
+    use_gpu = resolve_device(cfg)[0] and not gbdt_only
+    check_resources(cfg, use_gpu, trials)
+    with nodes_for(cfg, use_gpu, trials):
+        yield
+
+
 def _enough(have: Resources, need: Resources) -> bool:
     return all(have.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
 

@@ -25,7 +25,7 @@ from training.loop import Plan, train_loop
 from training.models import model_arch, model_from_arch, model_label
 from training.prepare import ensure_prepared
 from training.reader import encoded_datasets
-from training.resources import check_resources, nodes_for, resolve_device
+from training.resources import check_resources, held, resolve_device
 from training.scoring import fields_of
 from training.sizing import sized
 
@@ -125,9 +125,7 @@ def train(cfg: Config, *, run_name: str | None = None, bundle_path: str | None =
           write_bundle: bool = True) -> TrainResult:
     """Train one model as the config says, score test once; write its bundle (with report) unless told not to.
     What it needs from the cluster is checked before any data work, and asked of the autoscaler."""
-    use_gpu = resolve_device(cfg)[0] and cfg.model.name != "lightgbm"
-    check_resources(cfg, use_gpu)
-    with nodes_for(cfg, use_gpu):
+    with held(cfg, gbdt_only=cfg.model.name == "lightgbm"):
         return _train(cfg, run_name, bundle_path, write_bundle)
 
 

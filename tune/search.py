@@ -47,7 +47,7 @@ from training.models import Blend, blend_arch, model_label
 from training.reader import encoded_datasets, read_split
 from training.report import fmt, results_page, svg_line_chart
 from training.scoring import forward
-from training.resources import check_resources, dashboard_url, nodes_for, resolve_device
+from training.resources import check_resources, dashboard_url, held, resolve_device
 from training.sizing import sized
 from training.trainer import FIT_SPLITS, best_model, finish, loop_config, make_trainer, quiet, storage_location
 from tune.space import GBDT, model_names, parse_space, search_space, start_points, trial_config, trial_params
@@ -457,9 +457,7 @@ def run_search(cfg: Config, *, restart: bool = False, export_path: str | None = 
     """Prepare once, search, write results (CSV + HTML), export the winner's bundle. A bad space, or a search
     the cluster can never hold, fails before anything is prepared; the autoscaler is asked for its nodes."""
     parse_space(cfg)
-    use_gpu = resolve_device(cfg)[0]
-    check_resources(cfg, use_gpu, trials=cfg.tune.max_concurrent_trials)
-    with nodes_for(cfg, use_gpu, cfg.tune.max_concurrent_trials):
+    with held(cfg, cfg.tune.max_concurrent_trials):
         return _search(cfg, restart, export_path)
 
 
