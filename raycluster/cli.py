@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import time
 from collections.abc import Callable
 
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         err = _user_error(e)
         if err is None:
             raise
+        if verbose():  # the whole story behind the one line
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
 

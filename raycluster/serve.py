@@ -52,7 +52,8 @@ def run_server(bundle: str, serve_cfg: ServeConfig | None = None, cfg: Config | 
     ensure_ray(cfg, job_name="rankray-serve", serve=serve_cfg)
     direct = serve_cfg.ingress == "direct"
     # direct ingress: the replica itself listens on serve.port; Serve's proxy (always started) takes another
-    serve.start(http_options={"host": serve_cfg.host, "port": free_port(serve_cfg.host) if direct else serve_cfg.port})
+    serve.start(proxy_location=serve_cfg.proxy_location,
+                http_options={"host": serve_cfg.host, "port": free_port(serve_cfg.host) if direct else serve_cfg.port})
     if direct:
         replacing = "rankray" in serve.status().applications
         if replacing:  # the port belongs to the running replica: replace the app, no rolling update

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -116,12 +116,14 @@ def served(bundle: str, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
+def ray_head(num_cpus: int = 2, env: dict | None = None, port: int | None = None,
+             args: Sequence[str] = ()) -> Iterator[dict]:
     """A real head node started with the `ray` CLI (dashboard on 127.0.0.1, token auth on). `--block`
     keeps it tied to one process group, so teardown stops this cluster only (`ray stop` would stop
     every Ray on the machine). RAY_ADDRESS in the node's environment lets Ray's own helpers inside the
     cluster (e.g. Train's placement-group cleaner) find it even when another Ray runs on the machine."""
-    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
+    dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(5))
+    port = port or free_port()
     env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"127.0.0.1:{port}"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
@@ -129,7 +131,7 @@ def ray_head(num_cpus: int = 2, env: dict | None = None) -> Iterator[dict]:
                              # own agent ports: another Ray on the machine must not hold the jobs agent's port
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                              f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                             "--disable-usage-stats", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:

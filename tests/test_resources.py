@@ -70,6 +70,27 @@ def _write(tmp_path, cluster: dict) -> str:
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_worker_resources_place_workers_on_a_node_type_and_are_checked_like_gpus(tmp_path):
+    """train.worker_resources: custom resources each Train worker also holds (a node type's label-like resource),
+    in the bundles asked of the autoscaler and checked against the node types: the sum, and one worker per node."""
+    tagged = {**CLUSTER, "available_node_types": {**CLUSTER["available_node_types"],
+                                                  "gpu": {"resources": {"CPU": 8, "GPU": 1, "gpu_node": 1},
+                                                          "min_workers": 0, "max_workers": 4}}}
+    types = node_types(_cfg(tmp_path, {}, autoscaler_config=_write(tmp_path, tagged)))
+    cfg = _cfg(tmp_path, {"num_workers": 2, "cpus_per_worker": 4, "data_cpus": 1, "worker_resources": {"gpu_node": 1}})
+    assert bundles_for(cfg, False, trials=2) == [{"CPU": 4.0, "gpu_node": 1.0}] * 4 + [{"CPU": 1.0}]
+    check_resources(cfg, False, trials=2, live={"CPU": 0.0}, nodes=[{"CPU": 0.0}], types=types)
+    with pytest.raises(ConfigError, match=r"train.worker_resources.gpu_node: tune.max_concurrent_trials \(3\) x "
+                                          r"train.num_workers = 6 gpu_node, but the cluster has 0 and can grow to 4"):
+        check_resources(cfg, False, trials=3, live={"CPU": 0.0}, nodes=[{"CPU": 0.0}], types=types)
+    fat = _cfg(tmp_path, {"cpus_per_worker": 9, "worker_resources": {"gpu_node": 1}})
+    with pytest.raises(ConfigError, match=r"a Train worker needs 9 CPU, 1 gpu_node \(train.cpus_per_worker, "
+                                          r"train.worker_resources\)"):
+        check_resources(fat, False, live={"CPU": 0.0}, nodes=[], types=types)
+    with pytest.raises(ConfigError, match=r"train.worker_resources.GPU: CPU and GPU have their own keys"):
+        _cfg(tmp_path, {"worker_resources": {"GPU": 1}})
+
+
 def test_use_gpu_auto_sees_gpu_node_types_before_any_gpu_is_up(tmp_path):
     cfg = _cfg(tmp_path, {}, autoscaler_config=_write(tmp_path, CLUSTER))
     assert resolve_device(cfg)[0] is True  # the local Ray has no GPU: the node types do

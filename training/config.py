@@ -177,6 +177,9 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     torch_threads: int | None = Field(default=None, ge=1)  # default: ceil(cpus_per_worker)
     data_cpus: float = Field(default=1.0, ge=0)  # CPUs left free for Ray Data while training
+    # custom resources each Train worker (and one-worker trial) also holds, to place it on a node type:
+    # e.g. {"gpu_node": 1} for a type declaring `resources: {gpu_node: 1}`, or {"accelerator_type:H100": 0.001}
+    worker_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
     use_gpu: Literal["auto", "true", "false"] | bool = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     optimizer: Literal["adam", "adagrad", "sparse_adam"] = "adam"
@@ -200,6 +203,15 @@ class TrainConfig(_Strict):
     storage_path: str | None = None  # checkpoints (local or s3://); default RUN_DIR/checkpoints
     seed: int = 0
     log_every: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _custom_only(self) -> TrainConfig:
+        own = {"CPU": "cpus_per_worker", "GPU": "use_gpu", "memory": None, "object_store_memory": None}
+        for k in self.worker_resources:
+            if k in own:
+                raise ValueError(f"train.worker_resources.{k}: CPU and GPU have their own keys "
+                                 "(train.cpus_per_worker, train.use_gpu); this one takes custom resources only")
+        return self
 
 
 class TuneConfig(_Strict):
@@ -246,6 +258,10 @@ class ServeConfig(_Strict):
     # a crashed replica may wait ~60 s for the port (the kernel's TIME_WAIT). Serve reads it when its
     # processes start: it applies to a Serve started by rankray (`rankray serve`, the pipeline).
     ingress: Literal["proxy", "direct"] = "proxy"
+    # where Serve runs its HTTP proxies: the head only, or every node with a replica (each on serve.host:port;
+    # for a load balancer in front of the nodes, with serve.host 0.0.0.0). On 127.0.0.1 only the head's is
+    # reachable from where rankray runs.
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
 
     @model_validator(mode="after")
     def _direct_is_one_replica(self) -> ServeConfig:

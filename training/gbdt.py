@@ -75,7 +75,7 @@ def _run(cfg: Config, pp: Preprocessor, encoded: str, here: bool, rounds: int | 
         return _fit(*args)
     # DEFAULT: not into the caller's placement group (a several-worker Tune trial's driver holds 0 CPU in
     # its own); the search's resource check reserved these CPUs for the trial's workers
-    task = ray.remote(_fit).options(num_cpus=cpus, max_retries=max(cfg.train.max_failures, 0),
+    task = ray.remote(_fit).options(num_cpus=cpus, resources=cfg.train.worker_resources, max_retries=max(cfg.train.max_failures, 0),
                                     scheduling_strategy="DEFAULT")
     return ray.get(task.remote(*args))
 

@@ -79,7 +79,7 @@ def resolve_device(cfg: Config) -> tuple[bool, str]:
 def bundles_for(cfg: Config, use_gpu: bool, trials: int = 1) -> list[Resources]:
     """What the run holds at once: each Train worker of each concurrent trial, and Ray Data's CPUs."""
     t = cfg.train
-    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {}), **t.worker_resources}
     return [dict(worker) for _ in range(trials * t.num_workers)] + ([{"CPU": t.data_cpus}] if t.data_cpus else [])
 
 
@@ -126,12 +126,17 @@ def check_resources(cfg: Config, use_gpu: bool, trials: int = 1, *, live: Resour
     if need.get("GPU", 0) > most.get("GPU", 0) + 1e-9:
         raise ConfigError(f"train.use_gpu is on: {runs}train.num_workers = {need['GPU']:g} GPUs, but the cluster "
                           f"has {live.get('GPU', 0):g}" + grow.format(most.get("GPU", 0)))
+    for k in t.worker_resources:
+        if need[k] > most.get(k, 0) + 1e-9:
+            raise ConfigError(f"train.worker_resources.{k}: {runs}train.num_workers = {need[k]:g} {k}, but the cluster "
+                              f"has {live.get(k, 0):g}" + grow.format(most.get(k, 0)))
     worker = bundles_for(cfg, use_gpu)[0]
     shapes = [*nodes, *(x.resources for x in types if x.max_count > 0)]
     if shapes and not any(_fits(worker, s) for s in shapes):
         biggest = max(shapes, key=lambda s: (s.get("GPU", 0), s.get("CPU", 0)))
         raise ConfigError(f"a Train worker needs {_shown(worker)} (train.cpus_per_worker"
-                          f"{', one GPU' if use_gpu else ''}), more than any node has or the autoscaler can "
+                          f"{', one GPU' if use_gpu else ''}{', train.worker_resources' if t.worker_resources else ''}"
+                          "), more than any node has or the autoscaler can "
                           f"start (the biggest: {_shown(biggest)}): lower train.cpus_per_worker")
 
 

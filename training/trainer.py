@@ -72,7 +72,7 @@ def make_trainer(cfg: Config, pp: Preprocessor, datasets: dict[str, ray.data.Dat
         train_loop,
         train_loop_config=loop_config(cfg, pp.to_json(), train_rows, board),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources}),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),

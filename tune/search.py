@@ -164,7 +164,8 @@ def make_tuner(cfg: Config, prep: dict, *, restart: bool = False, callbacks: lis
                              encoded=_abs(prep["encoded"]),
                              train_rows=prep["profile"]["rows_by_split"]["train"],
                              trials_dir=storage.join(root, f"{name}-trials"), use_gpu=use_gpu),
-        {"cpu": cfg.train.cpus_per_worker, "gpu": int(use_gpu)} if in_trial else DRIVER_RESOURCES)
+        tune.PlacementGroupFactory([{"CPU": cfg.train.cpus_per_worker, "GPU": int(use_gpu),
+                                     **cfg.train.worker_resources}]) if in_trial else DRIVER_RESOURCES)
     fp_file = storage.join(root, f"{name}-fingerprint.txt")
     fp = search_fingerprint(cfg)
     if not restart and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
