@@ -5,6 +5,7 @@ Nothing starts at import. `build_app(bundle_path, serve_cfg)` gives the Applicat
 """
 # no `from __future__ import annotations`: FastAPI must see real types through Serve's route wrappers
 
+import copy
 import logging
 import os
 from collections.abc import Callable
@@ -84,7 +85,20 @@ class Ranker:
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Response:
-        return self._guarded(request) or JSONResponse(request.app.openapi())
+        return self._guarded(request) or JSONResponse(
+            self._openapi(request.app.openapi(), request.scope.get("root_path", "").rstrip("/")))
+
+    def _openapi(self, doc: dict[str, Any], root: str) -> dict[str, Any]:
+        """FastAPI's page with the request bodies of this bundle's feature spec: the schema is the validation,
+        so generated clients and schema-driven fuzzers agree with the server. An app under a route prefix
+        names it as its server."""
+        doc = copy.deepcopy(doc)
+        if root:
+            doc["servers"] = [{"url": root}]
+        schema = self.service.schema
+        for path, body in (("/rank", schema.rank_body()), ("/predict", schema.predict_body())):
+            doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] = body
+        return doc
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> Response:

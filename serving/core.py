@@ -162,11 +162,12 @@ class Service:
         return RequestError(422, f"{where}: the model gives no finite score for this item")
 
     async def _rank(self, body: Any) -> dict[str, Any]:
-        columns, ids, top_k = self.schema.rank_request(body)
+        columns, ids, top_k, absent = self.schema.rank_request(body)
         scores = await self._scores(columns, "candidates")
         order = np.argsort(-scores, kind="stable")[:top_k]
         return {"model_version": self.served.version,
-                "results": [{"index": i, "id": ids[i], "score": s} for i, s in zip(order.tolist(), scores[order].tolist())]}
+                "results": [{"index": i, "id": ids[i], "score": s} for i, s in zip(order.tolist(), scores[order].tolist())],
+                **({"absent": absent} if absent else {})}
 
     async def _predict(self, body: Any) -> dict[str, Any]:
         scores = await self._scores(self.schema.predict_request(body), "rows")

@@ -2,7 +2,10 @@
 
 Every field a feature reads (`Preprocessor.input_columns`) must be present in the request; `null` is
 accepted and encoded as in training (out-of-vocabulary index, or the fitted fill value). Errors name
-the field as `candidates[3].budget: missing`, and are raised as `RequestError` with an HTTP status.
+the field as `rows[3].budget: missing`, and are raised as `RequestError` with an HTTP status. In /rank, a
+field may come once in `context` for every candidate; one given neither there nor in a candidate is null,
+and the response names it (`absent`). The OpenAPI schema of both bodies is built here from the same
+columns (`rank_body`, `predict_body`): what it admits, validation admits, and the other way round.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from training.features import Preprocessor
 
 MISSING = object()
 INT64 = (-(2**63), 2**63 - 1)
+MAX_FLOAT = 1.7976931348623157e308  # an integer beyond it has no float value
 MAX_ERRORS = 5  # per response: enough to fix a client, short enough to read
 
 
@@ -51,8 +55,11 @@ class Column:
     name: str
     kinds: frozenset[str]  # numeric | categorical | multi_hot | text (read through a regex)
     sep: str | None = None  # multi_hot: lists are joined with it, as training data stores them
-    int_vocab: bool = False  # categorical with an integer vocabulary: "42" -> 42, other text -> OOV
-    float_ok: bool = False  # categorical fitted on floats
+    vocab: str = ""  # the fitted values' type (int, float, bool, string; "" = none fitted): mixed values go to it
+
+    @property
+    def float_ok(self) -> bool:  # a categorical fitted on floats
+        return self.vocab == "float"
 
     @property
     def ok_types(self) -> frozenset[type]:
@@ -76,10 +83,12 @@ def _columns(pp: Preprocessor) -> list[Column]:
     for name, feats in by_col.items():
         kinds = frozenset("text" if f.regex else f.type for f in feats)
         sep = next((f.sep for f in feats if isinstance(f, MultiHotFeature) and not f.regex), None)
-        vtypes = [pp.vocab[f.name].type for f in feats
-                  if isinstance(f, CategoricalFeature) and not f.regex and f.name in pp.vocab]
-        out.append(Column(name, kinds, sep, int_vocab=bool(vtypes) and all(pa.types.is_integer(t) for t in vtypes),
-                          float_ok=any(pa.types.is_floating(t) for t in vtypes)))
+        vtypes = [pp.vocab[f.name].type for f in feats if isinstance(f, (CategoricalFeature, MultiHotFeature))
+                  and not f.regex and not (isinstance(f, MultiHotFeature) and f.sep) and f.name in pp.vocab]
+        vocab = "" if not vtypes else "int" if all(map(pa.types.is_integer, vtypes)) else \
+            "float" if any(map(pa.types.is_floating, vtypes)) else "bool" if all(map(pa.types.is_boolean, vtypes)) \
+            else "string"
+        out.append(Column(name, kinds, sep, vocab))
     return out
 
 
@@ -96,7 +105,10 @@ def _value_error(col: Column, v: Any) -> str | None:
         return f"must be a finite number (got {v})" if "numeric" in col.kinds else f"invalid value {v}"
     t = type(v)
     if t is int and not INT64[0] <= v <= INT64[1]:
-        return "integer out of the 64-bit range"
+        if float not in col.ok_types:  # an id: it must fit the 64-bit integers it is stored as
+            return "integer out of the 64-bit range"
+        if abs(v) > MAX_FLOAT:
+            return f"must be a finite number (got an integer of {len(str(abs(v)))} digits)"
     for kind in col.kinds:
         if kind == "numeric":
             if t is float and not math.isfinite(v):
@@ -139,10 +151,55 @@ def _normalize(col: Column, values: list[Any]) -> list[Any]:
         if col.sep is not None:
             return [col.sep.join(str(x) for x in v if x is not None) if type(v) is list
                     else (str(v) if type(v) is int else v) for v in values]
-        return [v if type(v) is list or v is None else [v] for v in values]
-    if col.int_vocab and col.kinds == frozenset({"categorical"}) and any(type(v) is str for v in values):
-        return [_as_int(v) if type(v) is str else v for v in values]
+        lists = [v if type(v) is list or v is None else [v] for v in values]
+        if _mixed({type(x) for v in lists if v for x in v}, col.vocab):
+            lists = [[_as(col.vocab, x) for x in v] if v else v for v in lists]
+        return lists
+    if col.kinds <= {"categorical", "text"} and _mixed(set(map(type, values)), col.vocab):
+        return [_as(col.vocab, v) for v in values]
+    if float in col.ok_types and any(type(v) is int and not INT64[0] <= v <= INT64[1] for v in values):
+        return [float(v) if type(v) is int else v for v in values]  # a number past int64: a float column
     return values
+
+
+def _whole(v: Any) -> Any:
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+def _integral(values: list[Any]) -> list[Any]:
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema's "integer" says) where a float is not a
+    value; a list's items too."""
+    if not any(type(v) in (float, list) for v in values):
+        return values
+    return [[_whole(x) for x in v] if type(v) is list else _whole(v) for v in values]
+
+
+def _mixed(types: set[type], vocab: str) -> bool:
+    """Values Arrow cannot read as one column of the fitted type: several types, or text for numbers."""
+    types = types - {type(None)}
+    return len(types) > 1 or (str in types and vocab in ("int", "float"))
+
+
+def _as(vocab: str, v: Any) -> Any:
+    """A valid value in the type of the fitted vocabulary; one it cannot be is null (out of vocabulary)."""
+    t = type(v)
+    if v is None or (vocab == "int" and t is int) or (vocab == "float" and t is float):
+        return v
+    if vocab == "int":
+        return _as_int(v) if t is str else None
+    if vocab == "float":
+        f = float(v) if t is int else _as_float(v) if t is str else None
+        return f if f is not None and math.isfinite(f) else None
+    if vocab == "bool":
+        return v if t is bool else None
+    return ("true" if v else "false") if t is bool else str(v)  # text, as Arrow casts a bool or a number
+
+
+def _as_float(s: str) -> float | None:
+    try:
+        return float(s)
+    except ValueError:
+        return None
 
 
 def _as_int(s: str) -> int | None:
@@ -153,11 +210,21 @@ def _as_int(s: str) -> int | None:
     return i if INT64[0] <= i <= INT64[1] else None
 
 
+def _about(f: Any) -> str:
+    if f.regex:
+        return f"{f.type} (read through the pattern {f.regex!r})"
+    if isinstance(f, MultiHotFeature):
+        return "multi_hot: a list of strings or integers" + (f", or one string joined with {f.sep!r}" if f.sep else "")
+    return f.type + (f" ({f.transform})" if getattr(f, "transform", "none") != "none" else "")
+
+
 class Schema:
     """Validates /rank and /predict bodies against a preprocessor's input columns."""
 
     def __init__(self, pp: Preprocessor, max_items: int) -> None:
         self.columns = _columns(pp)
+        self._about = {c.name: ", ".join(f"{f.name}: {_about(f)}" for f in pp.spec.features if f.column == c.name)
+                       for c in self.columns}
         self._ok = {c.name: c.ok_types for c in self.columns}
         self.max_items = max_items
 
@@ -180,9 +247,10 @@ class Schema:
             raise RequestError(422, f"{key}[{bad}]: must be an object, got {_type_name(items[bad])}")
         return items
 
-    def columns_of(self, items: list[dict[str, Any]], key: str,
-                   context: dict[str, Any] | None = None) -> dict[str, list[Any]]:
-        """Validated column lists; an item's own value wins over the context's."""
+    def columns_of(self, items: list[dict[str, Any]], key: str, context: dict[str, Any] | None = None,
+                   absent: list[str] | None = None) -> dict[str, list[Any]]:
+        """Validated column lists; an item's own value wins over the context's. With `absent` (a list), a field an
+        item lacks is null, and its name is added there; without it, a lacking field is an error."""
         context = context or {}
         errors: list[str] = []
         out: dict[str, list[Any]] = {}
@@ -192,6 +260,7 @@ class Schema:
             own = [x.get(c, MISSING) for x in items]
             shared = context.get(c, MISSING)
             if shared is not MISSING:
+                shared = shared if float in self._ok[c] else _integral([shared])[0]
                 why = _value_error(col, shared)
                 if why:
                     errors.append(f"context.{c}: {why}")
@@ -200,6 +269,11 @@ class Schema:
                     out[c] = _normalize(col, [shared] * n)
                     continue
                 own = [shared if v is MISSING else v for v in own]
+            if float not in self._ok[c]:
+                own = _integral(own)
+            if absent is not None and any(v is MISSING for v in own):
+                absent.append(c)
+                own = [None if v is MISSING else v for v in own]
             if _all_valid(col, self._ok[c], own):
                 out[c] = _normalize(col, own)
                 continue
@@ -215,8 +289,48 @@ class Schema:
             raise RequestError(422, "; ".join(errors[:MAX_ERRORS]) + more)
         return out
 
-    def rank_request(self, body: Any) -> tuple[dict[str, list[Any]], list[Any], int]:
-        """(columns, candidate ids, top_k) of a /rank body."""
+    def value_schema(self, col: Column) -> dict[str, Any]:
+        """The JSON Schema of one field: exactly what `_value_error` lets through (null always)."""
+        ok = col.ok_types
+        types = [n for t, n in ((str, "string"), (bool, "boolean"), (float, "number"), (list, "array"),
+                                (type(None), "null")) if t in ok]
+        if int in ok and float not in ok:
+            types.insert(0, "integer")
+        out: dict[str, Any] = {"type": types, "description": self._about[col.name]}
+        if "number" in types or "integer" in types:  # bounds apply to numbers only
+            out.update(zip(("minimum", "maximum"), (-MAX_FLOAT, MAX_FLOAT) if float in ok else INT64))
+        if list in ok:
+            out["items"] = {"type": ["string", "integer", "null"], "minimum": INT64[0], "maximum": INT64[1]}
+        return out
+
+    def _items_schema(self, required: bool) -> dict[str, Any]:
+        props = {c.name: self.value_schema(c) for c in self.columns}
+        return {"type": "object", "properties": props, **({"required": self.fields} if required else {})}
+
+    def _list_schema(self, items: dict[str, Any], what: str) -> dict[str, Any]:
+        return {"type": "array", "minItems": 1, "maxItems": self.max_items, "items": items, "description": what}
+
+    def rank_body(self) -> dict[str, Any]:
+        """The /rank body's JSON Schema: every field optional (absent = null), typed."""
+        items = self._items_schema(required=False)
+        items["properties"] = {"id": {"type": ["string", "integer", "null"],
+                                      "description": "echoed back in the results"}, **items["properties"]}
+        return {"type": "object", "required": ["candidates"], "properties": {
+            "context": {**self._items_schema(required=False), "type": ["object", "null"],
+                        "description": "fields shared by every candidate (a candidate's own value wins)"},
+            "candidates": self._list_schema(items, "one object per item; a field neither here nor in context is "
+                                                   "null (named in the response's `absent`)"),
+            "top_k": {"type": ["integer", "null"], "minimum": 1, "description": "how many results (default: all)"}}}
+
+    def predict_body(self) -> dict[str, Any]:
+        return {"type": "object", "required": ["rows"],
+                "properties": {"rows": self._list_schema(self._items_schema(required=True), "rows to score, in order")}}
+
+    def rank_request(self, body: Any) -> tuple[dict[str, list[Any]], list[Any], int, list[str]]:
+        """(columns, candidate ids, top_k, fields absent from the context and some candidate) of a /rank body.
+        An absent field is null, like an explicit null: a field shared by the candidates may come once in the
+        context, and the published schema can say exactly that (a per-field "here or there" rule cannot be
+        written as a JSON Schema that schema-driven clients and fuzzers can use: 2^fields branches)."""
         if type(body) is not dict:
             raise RequestError(422, f"body: must be a JSON object, got {_type_name(body)}")
         context = body.get("context", {})
@@ -226,14 +340,16 @@ class Schema:
             raise RequestError(422, f"context: must be an object, got {_type_name(context)}")
         items = self._items(body, "candidates")
         top_k = body.get("top_k")
-        top_k = len(items) if top_k is None else top_k
+        top_k = len(items) if top_k is None else _whole(top_k)
         if type(top_k) is not int or top_k < 1:
             raise RequestError(422, f"top_k: must be an integer >= 1, got {top_k!r}")
         ids = [x.get("id") for x in items]
         bad = next((i for i, v in enumerate(ids) if v is not None and type(v) not in (str, int)), None)
         if bad is not None:
             raise RequestError(422, f"candidates[{bad}].id: must be a string or an integer, got {_type_name(ids[bad])}")
-        return self.columns_of(items, "candidates", context), ids, min(top_k, len(items))
+        absent: list[str] = []
+        columns = self.columns_of(items, "candidates", context, absent)
+        return columns, ids, min(top_k, len(items)), absent
 
     def predict_request(self, body: Any) -> dict[str, list[Any]]:
         if type(body) is not dict:
@@ -258,6 +374,8 @@ class RankResult(BaseModel):
 class RankResponse(BaseModel):
     model_version: str
     results: list[RankResult]
+    absent: list[str] = Field(default_factory=list, description="fields missing from the context and some "
+                                                                 "candidate, scored as null (only when any)")
 
 
 class PredictRequest(BaseModel):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -174,3 +175,13 @@ def raylet_pid(node=None) -> int:
     node = node or ray._private.worker._global_node
     return node.all_processes["raylet"][0].process.pid
 
+
+
+def run_schemathesis(url: str, examples: int = 100) -> int:
+    """schemathesis (the CLI, all its checks, a fixed seed) against the app at `url`'s /openapi.json; fails with
+    its report unless it found nothing. Returns the number of test cases it generated."""
+    out = subprocess.run([str(Path(sys.executable).parent / "st"), "run", f"{url}/openapi.json", "--checks", "all",
+                          "--max-examples", str(examples), "--seed", "0", "--workers", "1", "--no-color"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "No issues found" in out.stdout, out.stdout[-8000:] + out.stderr[-2000:]
+    return int(re.search(r"(\d+) generated", out.stdout).group(1))

@@ -422,15 +422,17 @@ def test_fuzzed_payloads_never_5xx_nor_restart_a_replica(single, versions, rows)
     assert _healthy("single", 1)
 
 
-def test_numbers_too_large_for_the_model_are_422_not_nan(single, rows):
+def test_numbers_too_large_for_the_model_are_scored_at_the_edge_never_nan(single, rows):
     """Found by the fuzz: position=1e15 (finite, valid JSON) overflowed float32 inside the model and the
-    answer was 200 with `NaN` scores (not JSON; a ranking with NaN is arbitrary)."""
+    answer was 200 with `NaN` scores (not JSON; a ranking with NaN is arbitrary). A numeric input is held
+    within 10,000 standard deviations of its training mean (features.Z_MAX): any finite number scores, the
+    same as at that edge, as the published schema (any number) promises."""
     with httpx.Client(base_url=single, timeout=60) as http:
-        r = http.post("/predict", json={"rows": [rows[0], {**rows[1], "position": 1e15}]})
-        assert r.status_code == 422 and r.json()["detail"].startswith("rows[1].position: value 1000000000000000.0"), r.text
+        far = [{**rows[1], "position": v} for v in (1e15, 1e300, -3.5e38, 10**30)]
+        r = http.post("/predict", json={"rows": [rows[0], *far]})
+        assert r.status_code == 200, r.text
+        scores = r.json()["scores"]
+        assert np.isfinite(scores).all() and scores[1] == scores[2] == scores[4]
         body = _rank_body(rows, 0, 3)
         body["candidates"][2]["position"] = -3.5e38
-        r = http.post("/rank", json=body)
-        assert r.status_code == 422 and r.json()["detail"].startswith("candidates[2].position:"), r.text
-        r = http.post("/predict", json={"rows": [{**rows[0], "position": 1e5}]})
-        assert r.status_code == 200 and np.isfinite(r.json()["scores"]).all()
+        assert http.post("/rank", json=body).status_code == 200

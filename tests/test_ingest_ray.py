@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import served
+from tests.helpers import run_schemathesis, served
 from training.bundle import load_bundle, verify_samples
 from training.config import load_config
 from training.evaluate import evaluate_raw
@@ -108,6 +108,8 @@ def test_awkward_types_train_bundle_and_serve_the_offline_scores(tmp_path, serve
         np.testing.assert_allclose(r.json()["scores"], offline, rtol=0, atol=1e-6)
         r = httpx.post(f"{serve_url}/ingest/predict", json={"rows": rows}, timeout=60)
         assert r.status_code == 200, r.text
+        # the schema of list columns, int ids and the rest is what validation takes (schemathesis, all checks)
+        run_schemathesis(f"{serve_url}/ingest")
         np.testing.assert_allclose(r.json()["scores"], meta["samples"]["scores"], rtol=0, atol=1e-6)
         bad = httpx.post(f"{serve_url}/ingest/predict", json={"rows": [{**reqs[0], "tags": [{"x": 1}]}]}, timeout=60)
         assert bad.status_code == 422 and "tags" in bad.text, bad.text

@@ -25,7 +25,7 @@ from training.bundle import BundleError, load_bundle
 from training.scoring import score_rows
 from training.features import DataError
 
-from tests.helpers import API_KEY_ENV, burst_codes, untrained_bundle as make_bundle
+from tests.helpers import API_KEY_ENV, burst_codes, run_schemathesis, untrained_bundle as make_bundle
 
 KEY_ENV = API_KEY_ENV
 CONTEXT = ("user_id", "user_country", "user_skills", "hourly_rate", "tier", "hour", "device")
@@ -121,7 +121,6 @@ BAD = [
     ("candidates not list", "/rank", lambda r: {"candidates": {"a": 1}}, 422, "candidates: must be a list"),
     ("too many", "/rank", lambda r: {"candidates": _ok(r)[:1] * 65}, 422, "candidates: 65 items, more than the limit of 64"),
     ("candidate not object", "/rank", lambda r: {"candidates": [_cand(r), 7]}, 422, "candidates[1]: must be an object"),
-    ("missing field", "/rank", lambda r: {"candidates": _ok(r, drop="budget")}, 422, "candidates[3].budget: missing"),
     ("numeric as string", "/rank", lambda r: {"candidates": [_cand(r, budget="12")]}, 422,
      "candidates[0].budget: must be a number, got a string"),
     ("NaN", "/rank", lambda r: json.dumps({"candidates": _ok(r)[:2] + [_cand(r, budget=float("nan"))]}).encode(), 422,
@@ -132,7 +131,10 @@ BAD = [
         '"position": ', '"position": 1e999, "x": ', 1).encode(), 422, "candidates[0].position: must be a finite number"),
     ("boolean number", "/rank", lambda r: {"candidates": [_cand(r, position=True)]}, 422,
      "candidates[0].position: must be a number, got a boolean"),
-    ("huge integer", "/rank", lambda r: {"candidates": [_cand(r, budget=10**30)]}, 422, "candidates[0].budget: integer out of"),
+    ("huge integer id", "/rank", lambda r: {"candidates": [_cand(r, job_id=10**30)]}, 422,
+     "candidates[0].job_id: integer out of the 64-bit range"),
+    ("integer past float", "/rank", lambda r: {"candidates": [_cand(r, budget=10**400)]}, 422,
+     "candidates[0].budget: must be a finite number (got an integer of 401 digits)"),
     ("object category", "/rank", lambda r: {"candidates": [_cand(r, device={"a": 1})]}, 422,
      "candidates[0].device: must be a string, integer or boolean, got an object"),
     ("float category", "/rank", lambda r: {"candidates": [_cand(r, tier=1.5)]}, 422, "candidates[0].tier: must be a string"),
@@ -200,6 +202,39 @@ def test_overload_is_503_never_500(server, rows):
     assert set(codes) <= {200, 503, 429}, codes
     assert codes.count(200) >= 1 and codes.count(503) + codes.count(429) >= 1, codes
     assert http.post("/guarded/predict", content=body, headers=headers).status_code == 200
+
+
+def test_rank_field_absent_from_context_and_candidate_is_null_and_named(server, offline, rows):
+    """A field may come once in the context; one given nowhere is scored as null (as an explicit null) and named
+    in `absent`, so the published schema can say exactly what is accepted."""
+    pp, model, _ = offline
+    body = _rank_body(rows, 6, start=20)
+    body["candidates"][2].pop("budget")
+    body["context"].pop("device")
+    out = server["http"].post("/rank", json=body).json()
+    assert sorted(out["absent"]) == ["budget", "device"]
+    merged = [{**body["context"], "device": None, **c} for c in body["candidates"]]
+    merged[2]["budget"] = None
+    want = score_rows(pp, model, merged)
+    assert {r["index"]: r["score"] for r in out["results"]} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+    assert "absent" not in server["http"].post("/rank", json=_rank_body(rows, 6, start=20)).json()
+
+
+def test_openapi_schema_is_the_validation(server, rows):
+    """Issue 20, item 6: each feature a typed property from the bundle's spec (required in /predict rows), the
+    candidate limit as maxItems; schemathesis with all its checks (schema-valid requests accepted, invalid ones
+    refused, responses as documented) finds nothing."""
+    doc = server["http"].get("/openapi.json").json()
+    body = lambda path: doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]  # noqa: E731
+    cands = body("/rank")["properties"]["candidates"]
+    assert (cands["minItems"], cands["maxItems"]) == (1, 64)
+    predict_rows = body("/predict")["properties"]["rows"]["items"]
+    assert sorted(predict_rows["required"]) == sorted(rows[0])
+    props = predict_rows["properties"]
+    assert props["budget"]["type"] == ["number", "null"] and props["budget"]["maximum"] > 1e308
+    assert props["user_id"]["type"] == ["integer", "string", "boolean", "null"] and props["user_id"]["maximum"] == 2**63 - 1
+    assert "array" in props["job_skills"]["type"] and "joined with '|'" in props["job_skills"]["description"]
+    assert run_schemathesis(server["url"]) > 100
 
 
 def test_healthz_model_and_docs(server, offline, rows):

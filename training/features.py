@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from training.config import CategoricalFeature, FeaturesConfig, MultiHotFeature, NumericFeature
 
 PAD, OOV, FIRST = 0, 1, 2
+Z_MAX = 1e4  # the most standard deviations a numeric input is from its training mean, in the model's units
 LABEL, GROUP, ORACLE = "__label__", "__group__", "__oracle__"
 HASH_KEY = "rankray-hash-key"  # 16 chars: pandas' siphash key, fixed so hashes are stable everywhere
 
@@ -79,6 +80,8 @@ def raw_values(spec: Any, batch: Mapping[str, Any]) -> pa.Array:
             if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type)):
                 raise DataError(f"column {spec.column!r} (multi_hot with sep): expected strings, got {arr.type}")
             arr = pc.split_pattern(arr.cast(pa.string()), pattern=spec.sep)
+        elif pa.types.is_null(arr.type):  # every value null (a request's, or a file's): no lists to read
+            arr = pa.nulls(len(arr), pa.list_(pa.string()))
         elif not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
             raise DataError(f"column {spec.column!r} (multi_hot): expected a list column or set `sep`, got {arr.type}")
     elif isinstance(spec, NumericFeature):
@@ -198,7 +201,10 @@ class Preprocessor:
     def standardize(self, f: NumericFeature, x: np.ndarray) -> np.ndarray:
         """Raw numbers (float64; nan/inf = missing) -> the model's units: filled, transformed, z-scored."""
         x = numeric_transform(np.where(np.isfinite(x), x, np.nan), f.transform)
-        return (np.where(np.isnan(x), self.fill[f.name], x) - self.mean[f.name]) / self.std[f.name]
+        z = (np.where(np.isnan(x), self.fill[f.name], x) - self.mean[f.name]) / self.std[f.name]
+        # a value ten thousand deviations out is scored as that edge: any finite number gives a finite score
+        # (position=1e15 overflowed float32 inside the model), and training data never comes near it
+        return np.clip(z, -Z_MAX, Z_MAX)
 
     def encode_feature(self, f: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arr = raw_values(f, batch)
