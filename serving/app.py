@@ -122,8 +122,9 @@ def build_app(bundle_path: str, serve_cfg: ServeConfig | None = None, loader: Ca
                     cfg.max_ongoing_requests, cfg.max_batch_size)
     if "://" not in bundle_path:
         bundle_path = os.path.abspath(bundle_path)  # replicas do not share the caller's working directory
+    scale = {"autoscaling_config": cfg.autoscaling.model_dump()} if cfg.autoscaling else {"num_replicas": cfg.num_replicas}
     return Ranker.options(
-        num_replicas=cfg.num_replicas,
+        **scale,
         # Serve's default of 5 would cap each batch at 5 requests and starve it under load
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,

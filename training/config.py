@@ -240,10 +240,27 @@ class PipelineConfig(_Strict):
     deploy: bool = True  # deploy the winner on Serve and send a smoke request
 
 
+class ServeAutoscaling(_Strict):
+    """Serve's replica autoscaling: between min and max replicas, aiming at target_ongoing_requests per replica."""
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=8.0, gt=0)  # half a batch waiting per replica at the default
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> ServeAutoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serve.autoscaling.max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     num_replicas: int = Field(default=1, ge=1)
+    autoscaling: ServeAutoscaling | None = None  # set: replicas follow the load instead of num_replicas
     max_ongoing_requests: int = Field(default=32, ge=1)
     max_queued_requests: int = Field(default=64, ge=-1)
     max_batch_size: int = Field(default=16, ge=1)
@@ -265,6 +282,9 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _direct_is_one_replica(self) -> ServeConfig:
+        if self.ingress == "direct" and self.autoscaling is not None and self.autoscaling.max_replicas > 1:
+            raise ValueError("serve.autoscaling: serve.ingress 'direct' runs one replica on serve.port; use "
+                             "serve.ingress 'proxy' to autoscale")
         if self.ingress == "direct" and self.num_replicas != 1:
             raise ValueError(f"serve.num_replicas is {self.num_replicas}: serve.ingress 'direct' runs one replica "
                              "on serve.port; use serve.ingress 'proxy' for several")
