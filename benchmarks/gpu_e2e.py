@@ -49,6 +49,7 @@ def check(args: argparse.Namespace) -> int:
 
 def summary(args: argparse.Namespace) -> int:
     m = json.load(open(os.path.join(args.bundle, "metrics.json")))
+    m = m.get("metrics", m)  # the bundle's metrics.json: {"metrics": {...}, "info": {...}}
     hist = m.get("history") or []
     hist = json.loads(hist) if isinstance(hist, str) else hist
     rows = json.load(open(os.path.join(args.run_dir, "data", "profile.json")))["rows_by_split"]["train"]
@@ -57,7 +58,8 @@ def summary(args: argparse.Namespace) -> int:
     loop = max((h["samples_per_s"] for h in hist), default=float("nan"))
     train_s = sum(h.get("train_seconds", 0.0) for h in hist)
     eval_s = sum(h.get("eval_seconds", 0.0) for h in hist)
-    print(f"nproc {args.nproc}; Train worker: {args.worker_cpus} CPU + {args.device}; Ray Data: the other CPUs "
+    gpu = f" + {args.device}" if args.device != "CPU" else ""
+    print(f"nproc {args.nproc}; Train worker: {args.worker_cpus} CPU{gpu}; Ray Data: the other CPUs "
           f"(train.data_cpus {args.data_cpus})")
     print(f"train rows {rows:,}, epochs run {epochs}, batch {args.batch}; loop time {train_s:.1f} s training + "
           f"{eval_s:.1f} s evaluation; `rankray train` wall {args.train_wall:.1f} s")

@@ -173,7 +173,7 @@ fi
 if (( $(left) > 100 )); then
   say "6. the training reader alone vs raw pyarrow (benchmarks/bench_train.py --reader-only, batch $BATCH)"
   timeout $(( $(left) - 10 )) "$PY" benchmarks/bench_train.py --config configs/demo.yaml --reader-only \
-      "${SETS[@]}" 2>&1 | grep -v -E "^\s*$" | tail -8 | tee -a "$SUMMARY"
+      "${SETS[@]}" 2>&1 | grep -v -E "^\s*$| INFO " | tail -6 | tee -a "$SUMMARY"
 else
   note "reader benchmark: skipped, $(left) s of the budget left"
 fi
