@@ -1,8 +1,11 @@
 """/rank with 100 candidates, closed loop, at several client counts: (a) the scorer in-process, no HTTP,
-the c requests scored as one ideal batch (transform + forward); (b) the same Service on bare FastAPI +
-uvicorn (one process, no batching); (c) rankray on Ray Serve (one replica, dynamic batching), started as
-`rankray serve` starts it, with each serve.ingress: `proxy` (Serve's HTTP proxy in front) and `direct`
-(the replica answers on the port itself).
+the c requests scored as one ideal batch (transform + forward); (b) the fair peer: the same Service on
+FastAPI + uvicorn (one process) behind a hand-written asyncio micro-batcher (up to serve.max_batch_size
+waiting requests or serve.batch_wait_timeout_s, then one `score_parts` call), what a user would write in
+front of the scorer; (c) the same without batching (one request per call); (d) rankray on Ray Serve (one
+replica, dynamic batching), started as `rankray serve` starts it, with each serve.ingress: `proxy`
+(Serve's HTTP proxy in front, the default) and `direct` (the replica answers on the port itself). The
+peers and Serve are measured alternately, point by point, in the same run.
 
     .venv/bin/python benchmarks/bench_serve.py [--model BUNDLE] [--duration 10] [--concurrency 1,8,16,32]
 
@@ -153,8 +156,39 @@ def _summary(lat: list[float], duration: float, codes: collections.Counter) -> d
 
 
 # ---------------------------------------------------------------- servers
-def serve_bare(bundle: str, port: int) -> None:
-    """The baseline server: the same Service as the Serve replica, on one uvicorn worker, no batching."""
+class MicroBatcher:
+    """Requests that wait together are scored together: up to `size` of them, or what came within `wait_s`
+    of the first, in one call of `fn` on the event loop (as Serve's replica scores its batches)."""
+
+    def __init__(self, fn: Any, size: int, wait_s: float) -> None:
+        self.fn, self.size, self.wait_s = fn, size, wait_s
+        self.queue: asyncio.Queue | None = None
+
+    async def __call__(self, columns: dict[str, list[Any]]) -> Any:
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._loop())
+        done = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((columns, done))
+        return await done
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            end = loop.time() + self.wait_s
+            while len(batch) < self.size and (left := end - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            for (_, done), out in zip(batch, self.fn([c for c, _ in batch])):
+                done.set_result(out)
+
+
+def serve_bare(bundle: str, port: int, batched: bool) -> None:
+    """A peer server: the same Service as the Serve replica on one uvicorn worker, with the micro-batcher
+    (the fair peer) or one request per call."""
     import uvicorn
     from fastapi import FastAPI
     from starlette.requests import Request
@@ -163,11 +197,13 @@ def serve_bare(bundle: str, port: int) -> None:
     from serving.core import ServedModel, Service
 
     scorer = ServedModel(bundle)
+    cfg = ServeConfig()
 
-    async def score(columns: dict[str, list[Any]]) -> Any:
+    async def one(columns: dict[str, list[Any]]) -> Any:
         return scorer.score_parts([columns])[0]
 
-    service = Service(scorer, ServeConfig(), score)
+    score = MicroBatcher(scorer.score_parts, cfg.max_batch_size, cfg.batch_wait_timeout_s) if batched else one
+    service = Service(scorer, cfg, score)
     app = FastAPI()
 
     @app.post("/rank")
@@ -199,17 +235,22 @@ def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict
         res["in-process", c] = inprocess_load(scorer, cols, c, args.duration, args.warmup)
         _report_point("in-process", c, res["in-process", c])
 
-    # bare and Serve up at once and measured alternately, so a neighbour's load hits both alike; Serve
+    # the peers and Serve up at once and measured alternately, so a neighbour's load hits all alike; Serve
     # twice, each on its own Ray: serve.ingress proxy (the default) and direct
-    bare_port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port), "--model", bundle])
+    peers = {}
+    for name in PEERS:
+        port = free_port()
+        peers[name] = (port, subprocess.Popen([sys.executable, __file__, "--peer-server", name, str(port),
+                                               "--model", bundle]))
     try:
-        wait_healthy(f"http://127.0.0.1:{bare_port}")
+        for port, _ in peers.values():
+            wait_healthy(f"http://127.0.0.1:{port}")
         for ingress in args.ingress:
             cfg = ServeConfig(port=free_port(), ingress=ingress)
             run_server(bundle, cfg, wait=False)  # starts a local Ray set up for this ingress
             try:
-                targets = [(f"bare/{ingress}", bare_port, [proc.pid]), (f"serve/{ingress}", cfg.port, _serve_pids())]
+                targets = [(f"{n}/{ingress}", port, [p.pid]) for n, (port, p) in peers.items()]
+                targets.append((f"serve/{ingress}", cfg.port, _serve_pids()))
                 for c in args.concurrency:
                     for name, port, pids in targets:
                         res[name, c] = http_load(port, raw, c, args.duration, args.warmup, pids)
@@ -218,9 +259,13 @@ def run_all(args: argparse.Namespace, bundle: str) -> dict[tuple[str, int], dict
                 serve.shutdown()
                 ray.shutdown()
     finally:
-        proc.terminate()
-        proc.wait()
+        for _, p in peers.values():
+            p.terminate()
+            p.wait()
     return res
+
+
+PEERS = ("batched", "bare")  # the fair peer (a micro-batcher in front of the scorer), and without batching
 
 
 def _report_point(name: str, c: int, r: dict[str, Any]) -> None:
@@ -232,26 +277,30 @@ def print_table(res: dict[tuple[str, int], dict[str, Any]], conc: list[int], ing
     def cell(r: dict[str, Any]) -> str:
         return f"{r['qps']:>7.1f} {r['p50']:>6.1f} {r['p99']:>6.1f} {r['cpu_ms']:>5.2f}"
 
+    def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+        return f"{a['qps'] / b['qps']:>5.2f} {a['p99'] / b['p99']:>5.2f} {a['cpu_ms'] / b['cpu_ms']:>5.2f}"
+
     head = f"{'QPS':>7} {'p50':>6} {'p99':>6} {'CPU':>5}"
     print(f"\n{'clients':>7} | {'in-process, c per batch':^27}")
     print(f"{'':>7} | {head}")
     for c in conc:
         print(f"{c:>7} | {cell(res['in-process', c])}")
-    print(f"\n{'clients':>7} | {'serve.ingress':<13} | {'bare FastAPI/uvicorn':^27} | {'Ray Serve (rankray)':^27} | serve/bare")
-    print(f"{'':>7} | {'':<13} | {head} | {head} | {'QPS':>5} {'p99':>5}")
+    print(f"\n{'clients':>7} | {'serve.ingress':<13} | {'fair peer: FastAPI + batcher':^27} | "
+          f"{'peer without batching':^27} | {'Ray Serve (rankray)':^27} | {'serve / fair peer':^17} | serve / unbatched")
+    r3 = f"{'QPS':>5} {'p99':>5} {'CPU':>5}"
+    print(f"{'':>7} | {'':<13} | {head} | {head} | {head} | {r3} | {r3}")
     for c in conc:
         for i in ingress:
-            b, s = res[f"bare/{i}", c], res[f"serve/{i}", c]
-            print(f"{c:>7} | {i:<13} | {cell(b)} | {cell(s)} | {s['qps'] / b['qps']:>5.2f} {s['p99'] / b['p99']:>5.2f}")
+            f, b, s = res[f"batched/{i}", c], res[f"bare/{i}", c], res[f"serve/{i}", c]
+            print(f"{c:>7} | {i:<13} | {cell(f)} | {cell(b)} | {cell(s)} | {ratio(s, f)} | {ratio(s, b)}")
     print("latency in ms; CPU = server-side CPU ms per request (Serve: proxy + replica; in-process: this process); "
-          "bare is measured alternately with each Serve set-up")
-    c = 16 if 16 in conc else conc[-1]
-    ratios = [(res[f"serve/{i}", c]["qps"] / res[f"bare/{i}", c]["qps"], res[f"serve/{i}", c]["p99"] / res[f"bare/{i}", c]["p99"])
-              for i in ingress]
-    print(f"HEADLINE | `/rank` (100 candidates), {c} clients: Serve vs a bare, unbatched FastAPI server (not yet the "
-          f"fair, batched peer of issue 20), serve.ingress "
-          f"{' / '.join(ingress)} | {' / '.join(f'{q:.2f}x' for q, _ in ratios)} QPS, "
-          f"{' / '.join(f'{p:.2f}x' for _, p in ratios)} p99")
+          "the peers are measured alternately with each Serve set-up")
+    for c in [x for x in (16, 32) if x in conc] or conc[-1:]:
+        ratios = [(res[f"serve/{i}", c]["qps"] / res[f"batched/{i}", c]["qps"],
+                   res[f"serve/{i}", c]["p99"] / res[f"batched/{i}", c]["p99"]) for i in ingress]
+        print(f"HEADLINE | `/rank` (100 candidates), {c} clients: Serve vs the fair peer (FastAPI + a micro-batcher "
+              f"in front of the same scorer), serve.ingress {' / '.join(ingress)} | "
+              f"{' / '.join(f'{q:.2f}x' for q, _ in ratios)} QPS, {' / '.join(f'{p:.2f}x' for _, p in ratios)} p99")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32])
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--ingress", type=lambda s: s.split(","), default=["proxy", "direct"], help="serve.ingress modes")
-    p.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--peer-server", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.bare_server:
-        serve_bare(args.model, args.bare_server)
+    if args.peer_server:
+        serve_bare(args.model, int(args.peer_server[1]), batched=args.peer_server[0] == "batched")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.model or untrained_bundle(os.path.join(tmp, "bundle"))
