@@ -52,7 +52,7 @@ class Ranker:
                  loader: Callable = load_bundle) -> None:
         cfg = ServeConfig.model_validate(serve_cfg or {}) if not isinstance(serve_cfg, ServeConfig) else serve_cfg
         # raises when the bundle fails its checks or its sample scores: Serve never marks the replica healthy
-        self.served = ServedModel(bundle_path, loader, ray_metrics=True)
+        self.served = ServedModel(bundle_path, loader, ray_metrics=True, drift_window=cfg.drift_window)
         self.service = Service(self.served, cfg, self._score_batch)
         self._score_batch.set_max_batch_size(cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)

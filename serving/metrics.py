@@ -42,6 +42,12 @@ class Metrics:
             "oov": Counter("rankray_oov_total", "out-of-vocabulary (unseen or null) values by feature",
                            tag_keys=("feature",)),
             "mean_score": Gauge("rankray_mean_score", "mean score of all rows scored by this replica"),
+            "psi": Gauge("rankray_feature_psi", "population stability index of served values against training "
+                         "(alert above 0.2), by feature", tag_keys=("feature",)),
+            "oov_rate": Gauge("rankray_feature_oov_rate", "share of served values out of vocabulary, by feature",
+                              tag_keys=("feature",)),
+            "score_psi": Gauge("rankray_score_psi", "population stability index of the served scores against "
+                               "training's"),
         }
 
     def request(self, endpoint: str, code: int, ms: float) -> None:
@@ -68,6 +74,17 @@ class Metrics:
                 if n:
                     self._ray["oov"].inc(n, tags={"feature": f})
             self._ray["mean_score"].set(mean)
+
+    def drift(self, monitor: Any) -> None:
+        """The drift figures to Ray's metrics after each batch (a few numbers per feature)."""
+        if not self._ray:
+            return
+        rep = monitor.report()
+        for f, r in rep["features"].items():
+            self._ray["psi"].set(r["psi"], tags={"feature": f})
+            if "oov_rate" in r:
+                self._ray["oov_rate"].set(r["oov_rate"], tags={"feature": f})
+        self._ray["score_psi"].set(rep["score_psi"])
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -84,9 +84,10 @@ def untrained_bundle(path: str, seed: int = 0, config: str = DEMO_CONFIG) -> str
     from training.bundle import save_bundle
     from training.config import load_config
     from training.data import SPLIT
+    from training.drift import reference
     from training.models import build_model, model_arch
     from training.prepare import PartialStats, Stats, fit_preprocessor
-    from training.scoring import fields_of
+    from training.scoring import fields_of, forward
     from training.synth import generate_shard
 
     cfg = load_config(config, ["data.generate=null"])
@@ -96,8 +97,10 @@ def untrained_bundle(path: str, seed: int = 0, config: str = DEMO_CONFIG) -> str
     torch.manual_seed(seed)
     fields = fields_of(pp)
     model = build_model(cfg.model, fields, len(pp.num_columns))
+    x_cat, x_num = pp.pack(pp.transform({c: table.column(c) for c in table.column_names}))
     save_bundle(path, cfg, pp, model, model_arch(cfg.model, fields, len(pp.num_columns)),
-                metrics={"test_auc": 0.5}, samples=table.select(pp.input_columns).slice(0, 8).to_pylist())
+                metrics={"test_auc": 0.5}, samples=table.select(pp.input_columns).slice(0, 8).to_pylist(),
+                drift=reference(pp, x_cat, x_num, forward(model, x_cat, x_num)))
     return path
 
 

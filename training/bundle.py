@@ -72,8 +72,10 @@ def _check_replaceable(path: str, s3: S3Options | None) -> list[str]:
 
 def save_bundle(path: str, cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: dict[str, Any],
                 metrics: dict[str, Any], samples: list[dict[str, Any]], *, info: dict[str, Any] | None = None,
-                report_html: str | None = None, s3: S3Options | None = None) -> str:
-    """Write a bundle atomically (replacing any bundle at `path`) and return its version string."""
+                report_html: str | None = None, drift: dict[str, Any] | None = None,
+                s3: S3Options | None = None) -> str:
+    """Write a bundle atomically (replacing any bundle at `path`) and return its version string. `drift`: the
+    training distribution serving compares its traffic with (training.drift.reference)."""
     path = path.rstrip("/")
     model = unwrap(model)
     info = dict(info or {})
@@ -91,6 +93,8 @@ def save_bundle(path: str, cfg: Config, pp: Preprocessor, model: torch.nn.Module
     }
     if report_html is not None:
         files["report.html"] = report_html.encode()
+    if drift is not None:
+        files["drift.json"] = _dumps(drift, "drift.json")
     listing = {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in sorted(files.items())}
     now = datetime.now(timezone.utc)
     digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
@@ -189,7 +193,7 @@ def load_bundle(path: str, s3: S3Options | None = None) -> tuple[Preprocessor, t
     """Verify and load a bundle: (preprocessor, model in eval mode on CPU, metadata).
 
     metadata: version, created_at, info, metrics, samples ({"rows": [...], "scores": [...]}),
-    config (a Config), arch, path."""
+    config (a Config), arch, path, drift (the training distribution, or None)."""
     path = path.rstrip("/")
     m, blobs = _read_verified(path, s3)
     name = "config.yaml"
@@ -209,11 +213,13 @@ def load_bundle(path: str, s3: S3Options | None = None) -> tuple[Preprocessor, t
         samples = json.loads(blobs[name])
         if len(samples["rows"]) != len(samples["scores"]):
             raise ValueError("rows and scores differ in length")
+        name = "drift.json"  # bundles from before it have none: no drift figures then
+        drift = json.loads(blobs[name]) if name in blobs else None
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, safetensors.SafetensorError) as e:
         raise BundleError(f"{name}: cannot be loaded ({type(e).__name__}: {e})") from None
     model.eval()
     meta = {"version": m.get("version"), "created_at": m.get("created_at"), "info": m.get("info", {}),
-            "metrics": metrics, "samples": samples, "config": cfg, "arch": arch, "path": path}
+            "metrics": metrics, "samples": samples, "config": cfg, "arch": arch, "path": path, "drift": drift}
     return pp, model, meta
 
 

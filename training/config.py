@@ -261,6 +261,9 @@ class ServeConfig(_Strict):
     port: int = Field(default=8000, ge=1, le=65535)
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: ServeAutoscaling | None = None  # set: replicas follow the load instead of num_replicas
+    # rows the drift figures (PSI per feature and of the score, against the bundle's training sample) follow:
+    # older rows fade out (training.drift)
+    drift_window: int = Field(default=10_000, ge=100)
     max_ongoing_requests: int = Field(default=32, ge=1)
     max_queued_requests: int = Field(default=64, ge=-1)
     max_batch_size: int = Field(default=16, ge=1)

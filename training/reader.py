@@ -55,6 +55,20 @@ def read_split(encoded_dir: str, name: str, cfg: Config, pp: Preprocessor) -> tu
     return (*pp.pack(table), table.column(LABEL).to_numpy())
 
 
+def sample_split(encoded_dir: str, name: str, cfg: Config, pp: Preprocessor, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `rows` rows of an encoded split (its first files, a batch at a time), packed."""
+    s3 = s3_options(cfg)
+    fs, _ = storage.filesystem(encoded_dir, s3)
+    got, n = [], 0
+    for path in storage.list_files(storage.join(encoded_dir, f"split={name}"), s3):
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(65536, columns=pp.cat_columns + pp.num_columns):
+            got.append(batch)
+            n += batch.num_rows
+            if n >= rows:
+                return pp.pack(pa.Table.from_batches(got).slice(0, rows))
+    return pp.pack(pa.Table.from_batches(got)) if got else pp.pack({c: np.zeros(0) for c in pp.cat_columns + pp.num_columns})
+
+
 def _materialize(cfg: Config, prep: dict) -> bool:
     if cfg.data.materialize != "auto":
         return bool(cfg.data.materialize)

@@ -13,7 +13,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from training import console, storage
+from training import console, drift, storage
 from training.bundle import save_bundle
 from training.checkpoint import best_weights
 from training.config import Config
@@ -24,9 +24,9 @@ from training.gbdt import fit_gbdt
 from training.loop import Plan, train_loop
 from training.models import model_arch, model_from_arch, model_label
 from training.prepare import ensure_prepared
-from training.reader import encoded_datasets
+from training.reader import encoded_datasets, sample_split
 from training.resources import check_resources, held, resolve_device
-from training.scoring import fields_of
+from training.scoring import fields_of, forward
 from training.sizing import sized
 
 FIT_SPLITS = ("train", "valid")  # what a Train run or a trial reads; test is scored once, by the driver
@@ -107,8 +107,11 @@ def finish(cfg: Config, prep: dict, model: Any, arch: dict, metrics: dict[str, A
     kept = {k: v for k, v in metrics.items() if k not in ("history", "starts")}
     out = {**kept, **test, "history": history}
     if bundle:
-        save_bundle(bundle, cfg, prep["preprocessor"], model, arch, out, prep["samples"],
-                    info={**(info or {}), "test_metrics": test}, report_html=ev["html"], s3=s3_options(cfg))
+        pp = prep["preprocessor"]
+        x_cat, x_num = sample_split(prep["encoded"], "train", cfg, pp, drift.SAMPLE_ROWS)
+        ref = drift.reference(pp, x_cat, x_num, forward(model, x_cat, x_num))  # what serving compares with
+        save_bundle(bundle, cfg, pp, model, arch, out, prep["samples"], info={**(info or {}), "test_metrics": test},
+                    report_html=ev["html"], drift=ref, s3=s3_options(cfg))
     return {**metrics, **test}
 
 
