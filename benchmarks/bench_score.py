@@ -5,16 +5,15 @@ largest (flat: the driver gets a row count per file, never the rows).
 
     python benchmarks/bench_score.py [--rows 1000000,10000000] [--files 16]
 
-Each measurement runs in a fresh process (its own local Ray for `rankray score`), so peak memory (ru_maxrss)
-is that process's own. An untrained bundle of the demo config is used: the speed does not depend on the
-weights. Prints a table and `HEADLINE` lines.
+Each measurement runs in a fresh process (its own local Ray for `rankray score`, never a cluster already
+running on the machine), whose peak memory is its own high-water mark (Linux VmHWM). An untrained bundle of
+the demo config is used: the speed does not depend on the weights. Prints a table and `HEADLINE` lines.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,11 @@ raycluster.use_token_auth()  # before ray is imported
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. Not ru_maxrss: Linux carries the parent's peak across fork + exec into the
+    child's ru_maxrss, so it read this benchmark's own parent (its peak grows with the rows it generated:
+    synth.generate gathers the test split's labels) instead of the scoring driver."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def child(mode: str, bundle: str, data: str, out: str, batch: int) -> None:
@@ -39,7 +42,7 @@ def child(mode: str, bundle: str, data: str, out: str, batch: int) -> None:
         import ray
 
         from training.batchscore import score
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         t0 = time.time()  # Ray's start is not scoring
         res = score(bundle, data, out, keep=["user_id", "job_id"], batch_size=batch)
         rows = res["rows_scored_now"]
@@ -96,7 +99,7 @@ def main() -> None:
         bundle = untrained_bundle(f"{where}/bundle")
         for n in sizes:
             data = f"{where}/data-{n}"
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             synth.generate(n, data, shards=args.files)
             ray.shutdown()
             # alternately, so both see the same machine state
