@@ -12,6 +12,7 @@ import pytest
 
 from training import evalmetrics as em
 from training import report
+from training.evalagg import Aggregate, partial
 
 XSS = "<script>alert(1)</script>"
 SVG_NS = "http://www.w3.org/2000/svg"
@@ -88,6 +89,12 @@ def _data(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return y, np.clip(p_true + rng.normal(0.0, 0.05, n), 0.0, 1.0)
 
 
+def _curves(y: np.ndarray, p: np.ndarray) -> dict:
+    agg = Aggregate()
+    agg.add(partial(y, p))
+    return agg.curves()
+
+
 @pytest.fixture(scope="module")
 def evaluated() -> tuple[str, dict[str, float]]:
     y, p = _data()
@@ -102,7 +109,7 @@ def evaluated() -> tuple[str, dict[str, float]]:
                 "valid_auc": 0.6 + 0.02 * e, "valid_logloss": 0.4, "lr": 1e-3, "note": "text"} for e in range(1, 6)]
     meta = {"model": "dcn<v2>", "version": 3, "trained_at": "2024-01-01T00:00:00Z",
             "config": {"lr": 0.001, "layers": [256, 128], "optim": {"name": "adam"}}}
-    page = report.evaluation_report(title="Eval <run-1>", metrics=metrics, y=y, p=p,
+    page = report.evaluation_report(title="Eval <run-1>", metrics=metrics, curves=_curves(y, p),
                                     slices=slices, history=history, meta=meta)
     return page, metrics
 
@@ -145,7 +152,8 @@ def test_user_text_is_escaped(evaluated: tuple[str, dict[str, float]]) -> None:
 def test_single_class_still_renders() -> None:
     y = np.zeros(200, dtype=np.int64)
     p = np.linspace(0.0, 1.0, 200)
-    page = report.evaluation_report(title="degenerate", metrics={"auc": float("nan"), "rows": 200.0}, y=y, p=p)
+    page = report.evaluation_report(title="degenerate", metrics={"auc": float("nan"), "rows": 200.0},
+                                    curves=_curves(y, p))
     parsed = _parse(page)
     assert "ROC curve undefined" in page and parsed.svgs == 2 and "AUC=" not in page
 
@@ -168,6 +176,9 @@ def test_bar_chart_and_histogram() -> None:
                                 bins=10, title="h", density=False)
     parsed = _parse(hist)
     assert parsed.polylines == 1 and "x (n=3)" in hist and "empty" not in hist
+    binned = report.svg_histogram({"x": np.array([0.1, 0.2, 5.0])}, weights={"x": np.array([1, 2, 7])},
+                                  bins=10, title="h", density=False)
+    assert "x (n=3)" in binned and binned.split("<polyline")[1] == hist.split("<polyline")[1]
 
 
 def test_results_page_renders_every_row() -> None:

@@ -19,7 +19,9 @@ from serving.app import build_app
 from training.bundle import load_bundle, save_bundle, verify_samples
 from training.config import ServeConfig, load_config
 from training.data import SPLIT, split_dataset
-from training.evaluate import evaluate_encoded, evaluate_raw, passes, score_dataset
+from training.evalagg import Grid, group_metrics
+from training.evalmetrics import compute_metrics, roc_auc
+from training.evaluate import aggregate, evaluate_encoded, evaluate_raw, group_sums, passes, score_dataset, slice_features
 from training.features import GROUP, LABEL, ORACLE
 from training.loop import predict
 from training.models import build_model, model_arch
@@ -50,6 +52,12 @@ def run(tmp_path_factory):
             "n_test": prep["profile"]["rows_by_split"]["test"]}
 
 
+def _gather(scored: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """The scored rows on the driver: what evaluation no longer does, for the tests to compare with."""
+    t = pa.concat_tables(ray.get(scored.to_arrow_refs()))
+    return {c: t.column(c).to_numpy() for c in t.column_names}
+
+
 def _same_multiset(a: np.ndarray, b: np.ndarray) -> None:
     assert len(a) == len(b)
     np.testing.assert_allclose(np.sort(a), np.sort(b), rtol=0, atol=1e-6)
@@ -65,12 +73,15 @@ def test_training_evaluate_bundle_and_serving_give_the_same_scores(run, serve_ur
     enc = evaluate_encoded(cfg, pp, model, arch, run["prep"]["encoded"])
     assert passes["test"] == before + 1 and enc["rows"] == run["n_test"]
     enc_p = score_dataset(encoded_datasets(run["prep"]["encoded"], cfg, splits=("test",))["test"], pp, model, arch,
-                          "test", raw=False, slices=[], batch_size=1000)["p"]
+                          "test", raw=False, slices=[], batch_size=1000)
+    assert passes["test"] == before + 2
+    enc_p = _gather(enc_p)["p"]
     # `rankray evaluate --data`: raw rows, split again, through the bundle's own preprocessor
     b_pp, b_model, meta = load_bundle(run["bundle"])
     raw = evaluate_raw(cfg, b_pp, b_model, meta["arch"])
     raw_p = score_dataset(split_dataset(cfg)[0], b_pp, b_model, meta["arch"], "test", raw=True, slices=[],
-                          batch_size=700)["p"]
+                          batch_size=700)
+    raw_p = _gather(raw_p)["p"]
     assert len(loop_p) == run["n_test"] > 100
     _same_multiset(loop_p, enc_p)
     _same_multiset(loop_p, raw_p)
@@ -90,3 +101,47 @@ def test_training_evaluate_bundle_and_serving_give_the_same_scores(run, serve_ur
         np.testing.assert_allclose(r.json()["scores"], recorded, rtol=0, atol=1e-6)
     finally:
         serve.delete("parity")
+
+
+def test_evaluation_metrics_equal_the_exact_ones_over_the_gathered_rows(run):
+    cfg, pp, model, arch = run["cfg"], run["pp"], run["model"], run["arch"]
+    ev = evaluate_encoded(cfg, pp, model, arch, run["prep"]["encoded"])
+    names = slice_features(pp)
+    rows = _gather(score_dataset(encoded_datasets(run["prep"]["encoded"], cfg, splits=("test",))["test"], pp, model,
+                                 arch, "test", raw=False, slices=names, batch_size=64))
+    exact = compute_metrics(rows["y"], np.clip(rows["p"], 0, 1), group=rows["g"])
+    got = ev["metrics"]
+    assert got["auc"] == pytest.approx(exact["auc"], abs=1e-5) and got["auc_error_bound"] < 1e-4
+    assert {k: got[k] for k in exact if k != "auc"} == pytest.approx({k: v for k, v in exact.items() if k != "auc"},
+                                                                    rel=1e-9, abs=1e-12)
+    assert names and ev["slices"].keys() == set(names)
+    for name in names:
+        codes = rows[f"slice:{name}"]
+        assert [r["rows"] for r in ev["slices"][name]] == sorted(np.bincount(codes)[np.bincount(codes) > 0])[::-1][:8]
+        top = ev["slices"][name][0]
+        m = codes == np.bincount(codes).argmax()
+        assert top["rows"] == m.sum() and top["auc"] == pytest.approx(roc_auc(rows["y"][m], rows["p"][m]), abs=2e-3)
+
+
+def test_what_reaches_the_driver_is_bounded_by_the_grid_not_the_rows():
+    """200k scored rows in 4 blocks with a 4096-bin grid: the driver gets at most 4 x (2 x 4096 + slice and
+    calibration bins) partial rows, and one row per group."""
+    n, blocks, grid = 200_000, 4, Grid(bins=2**12, slice_bins=2**6)
+
+    def rows(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(int(b["id"][0]))
+        z = rng.normal(-2.0, 1.5, len(b["id"]))
+        o = 1 / (1 + np.exp(-z))
+        return {"p": (1 / (1 + np.exp(-(z + rng.normal(0, 1, z.size))))).astype(np.float32),
+                "y": (rng.random(z.size) < o).astype(np.float32), "g": b["id"] // 100, "o": o.astype(np.float32),
+                "slice:s": (b["id"] % 5).astype(np.int32)}
+
+    scored = ray.data.range(n, override_num_blocks=blocks).map_batches(rows, batch_size=None).materialize()
+    agg = aggregate(scored, ["s"], grid)
+    assert agg.rows == n and agg.received <= blocks * (2 * grid.bins + 5 * grid.slice_bins + 10) < n / 5
+    data = _gather(scored)
+    exact = compute_metrics(data["y"], data["p"], group=data["g"], p_true=data["o"])
+    got = agg.metrics(oracle=True, groups=group_metrics(group_sums(scored)))
+    assert abs(got["auc"] - exact["auc"]) <= got["auc_error_bound"] < 1e-3
+    assert got["gauc"] == pytest.approx(exact["gauc"], abs=1e-9) and got["ndcg@10"] == pytest.approx(
+        exact["ndcg@10"], abs=1e-9)

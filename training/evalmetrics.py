@@ -1,4 +1,5 @@
-"""Exact evaluation metrics over a whole gathered split (pure numpy).
+"""Exact evaluation metrics over whole in-memory arrays (pure numpy); the count-based helpers are shared with
+`training.evalagg`, which computes a split's metrics from mergeable partial aggregates.
 
 All functions take 1-D arrays: ``y`` binary labels (0/1), ``p`` predicted
 probabilities in [0, 1], ``group`` any sortable key per row (query/user id).
@@ -14,7 +15,7 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "roc_auc", "log_loss", "gauc", "ndcg_at_k", "calibration", "compute_metrics",
-    "roc_curve_points",
+    "roc_curve_points", "auc_from_counts", "loss_terms", "calibration_bin", "calibration_summary", "roc_from_counts",
 ]
 
 
@@ -68,14 +69,27 @@ def _avg_ranks(starts: NDArray[np.intp], n: int) -> NDArray[np.float64]:
     return np.repeat((starts + ends + 1) / 2.0, ends - starts)
 
 
-def _auc_sorted(ys: NDArray[np.float64], ps: NDArray[np.float64]) -> float:
-    """Mann-Whitney AUC from labels/scores already sorted by ascending score."""
-    n_pos = ys.sum()
-    n_neg = ys.size - n_pos
+def auc_from_counts(pos: NDArray[np.float64], count: NDArray[np.float64]) -> float:
+    """Mann-Whitney AUC from the positives and rows of each tie block (or score bin), blocks in ascending
+    score order; rows of one block are ties (average rank)."""
+    n_pos = pos.sum()
+    n_neg = count.sum() - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    rank_sum = _avg_ranks(_block_starts(ps), ys.size) @ ys
+    starts = np.cumsum(count) - count
+    rank_sum = pos @ ((2.0 * starts + count + 1.0) / 2.0)
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _tie_blocks(ys: NDArray[np.float64], ps: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(positives, rows) of each run of equal scores in score-sorted rows."""
+    starts = _block_starts(ps)
+    return np.add.reduceat(ys, starts), np.diff(np.append(starts, ps.size)).astype(np.float64)
+
+
+def _auc_sorted(ys: NDArray[np.float64], ps: NDArray[np.float64]) -> float:
+    """Mann-Whitney AUC from labels/scores already sorted by ascending score."""
+    return auc_from_counts(*_tie_blocks(ys, ps))
 
 
 def roc_auc(y: ArrayLike, p: ArrayLike) -> float:
@@ -89,8 +103,13 @@ def roc_auc(y: ArrayLike, p: ArrayLike) -> float:
 def log_loss(y: ArrayLike, p: ArrayLike, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy with p clipped to [eps, 1 - eps]."""
     yv = _labels(y)
-    pv = np.clip(_preds(p, yv.size), eps, 1.0 - eps)
-    return float(-np.mean(yv * np.log(pv) + (1.0 - yv) * np.log1p(-pv)))
+    return float(np.mean(loss_terms(yv, _preds(p, yv.size), eps)))
+
+
+def loss_terms(yv: NDArray[np.float64], pv: NDArray[np.float64], eps: float = 1e-7) -> NDArray[np.float64]:
+    """Each row's binary cross-entropy, p clipped to [eps, 1 - eps]."""
+    pv = np.clip(pv, eps, 1.0 - eps)
+    return -(yv * np.log(pv) + (1.0 - yv) * np.log1p(-pv))
 
 
 def _group_metrics(
@@ -167,16 +186,24 @@ def calibration(y: ArrayLike, p: ArrayLike, bins: int = 10) -> dict[str, Any]:
         raise ValueError(f"bins must be >= 1, got {bins}")
     yv = _labels(y)
     pv = _preds(p, yv.size)
-    # p == 1.0 belongs to the last bin, not an extra one.
-    idx = np.minimum((pv * bins).astype(np.intp), bins - 1)
-    count = np.bincount(idx, minlength=bins)
-    sum_p = np.bincount(idx, weights=pv, minlength=bins)
-    sum_y = np.bincount(idx, weights=yv, minlength=bins)
+    idx = calibration_bin(pv, bins)
+    return calibration_summary(np.bincount(idx, minlength=bins), np.bincount(idx, weights=pv, minlength=bins),
+                               np.bincount(idx, weights=yv, minlength=bins))
+
+
+def calibration_bin(p: NDArray[np.float64], bins: int = 10) -> NDArray[np.intp]:
+    """Equal-width bin of each p in [0, 1]; p == 1.0 belongs to the last bin, not an extra one."""
+    return np.minimum((p * bins).astype(np.intp), bins - 1)
+
+
+def calibration_summary(count: NDArray[Any], sum_p: NDArray[np.float64], sum_y: NDArray[np.float64]) -> dict[str, Any]:
+    """`calibration`'s result from each bin's rows, sum of p and sum of labels."""
+    bins, n = count.size, count.sum()
     nz = count > 0
     bin_p = np.divide(sum_p, count, out=np.zeros(bins), where=nz)
     bin_y = np.divide(sum_y, count, out=np.zeros(bins), where=nz)
-    ece = float(np.sum(count * np.abs(bin_p - bin_y)) / yv.size)
-    mean_p, rate = float(pv.mean()), float(yv.mean())
+    ece = float(np.sum(count * np.abs(bin_p - bin_y)) / n)
+    mean_p, rate = float(sum_p.sum() / n), float(sum_y.sum() / n)
     return {
         "mean_prediction": mean_p,
         "label_rate": rate,
@@ -185,7 +212,7 @@ def calibration(y: ArrayLike, p: ArrayLike, bins: int = 10) -> dict[str, Any]:
         "bin_edges": np.linspace(0.0, 1.0, bins + 1).tolist(),
         "bin_mean_prediction": [float(v) if c else None for v, c in zip(bin_p, nz)],
         "bin_label_rate": [float(v) if c else None for v, c in zip(bin_y, nz)],
-        "bin_count": count.tolist(),
+        "bin_count": [int(c) for c in count],
     }
 
 
@@ -202,10 +229,15 @@ def roc_curve_points(
     yv = _labels(y)
     pv = _preds(p, yv.size)
     order = np.argsort(-pv, kind="stable")
-    ps, ys = pv[order], yv[order]
-    last = np.append(_block_starts(ps)[1:], ps.size) - 1  # last row of each tie block
-    tps = np.concatenate(([0.0], np.cumsum(ys)[last]))
-    fps = np.concatenate(([0.0], (last + 1) - tps[1:]))
+    pos, count = _tie_blocks(yv[order], pv[order])
+    return roc_from_counts(pos, count - pos, max_points)
+
+
+def roc_from_counts(pos: NDArray[Any], neg: NDArray[Any], max_points: int = 200) -> tuple[list[float], list[float]]:
+    """`roc_curve_points` from the positives and negatives of each tie block (or score bin), highest score
+    first: one point per threshold between blocks."""
+    tps = np.concatenate(([0.0], np.cumsum(pos, dtype=np.float64)))
+    fps = np.concatenate(([0.0], np.cumsum(neg, dtype=np.float64)))
     if tps[-1] == 0 or fps[-1] == 0:
         return [], []
     fpr, tpr = fps / fps[-1], tps / tps[-1]

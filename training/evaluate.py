@@ -1,5 +1,7 @@
-"""Score a split with a model (Ray Data batch inference through `training.scoring`), compute exact
-metrics and write a self-contained HTML report.
+"""Score a split with a model (Ray Data batch inference through `training.scoring`), compute its metrics
+and write a self-contained HTML report, without gathering the split's rows on the driver: the scored rows
+stay in the object store, and what comes back is each block's partial aggregate (`training.evalagg`, merged
+in a streaming loop) and one row per group (gauc, ndcg@10 from a Ray Data groupby).
 
 Training scores its test split once, from the encoded split (`evaluate_encoded`); `rankray evaluate
 --data` scores raw rows through the bundle's own transform (`evaluate_raw`). Both run `score_batch`."""
@@ -21,7 +23,7 @@ from safetensors.torch import save as save_weights
 from training import storage
 from training.config import CategoricalFeature, Config
 from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset, usable_rows
-from training.evalmetrics import compute_metrics, roc_auc
+from training.evalagg import GRID, GROUP_SUMS, Aggregate, Grid, group_metrics, group_row, partial
 from training.features import FIRST, GROUP, LABEL, ORACLE, Preprocessor
 from training.models import model_from_arch
 from training.reader import encoded_datasets
@@ -70,40 +72,57 @@ def _load(pp_json: str, arch: dict, weights: bytes) -> tuple[Preprocessor, torch
 
 
 def score_dataset(ds: ray.data.Dataset, pp: Preprocessor, model: torch.nn.Module, arch: dict, split: str, *,
-                  raw: bool, slices: list[str], batch_size: int) -> dict[str, np.ndarray]:
-    """Scores of every row of `split` in `ds` (raw rows of all splits, or the encoded split itself); a few
-    numbers per row come back to the driver."""
+                  raw: bool, slices: list[str], batch_size: int) -> ray.data.Dataset:
+    """The rows of `split` in `ds` (raw rows of all splits, or the encoded split itself) scored: p, y, g, o and
+    the slice codes, materialized in the object store (one scoring pass, which the aggregates then read)."""
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     pp_json, weights = pp.to_json(), save_weights(state)
     scored = ds.map_batches(score_batch, batch_format="pyarrow", batch_size=batch_size,
                             fn_args=(content_key(pp_json, json.dumps(arch, sort_keys=True), weights),
-                                     (pp_json, arch, weights), raw, SPLIT_NAMES.index(split) if raw else None, slices))
-    tables = [b for b in ray.get(scored.to_arrow_refs()) if b.num_rows]
-    if not tables:
+                                     (pp_json, arch, weights), raw, SPLIT_NAMES.index(split) if raw else None, slices)
+                            ).materialize()
+    if not scored.count():
         raise ValueError(f"the {split} split has no rows to score")
     passes[split] += 1
-    table = pa.concat_tables(tables)
-    return {c: table.column(c).to_numpy() for c in table.column_names}
+    return scored
+
+
+def _partial(b: dict[str, np.ndarray], slices: list[str], grid: Grid) -> pa.Table:
+    return partial(b["y"], np.clip(b["p"], 0, 1), b["o"], {n: b[f"slice:{n}"] for n in slices}, grid)
+
+
+def aggregate(scored: ray.data.Dataset, slices: list[str], grid: Grid = GRID) -> Aggregate:
+    """The scored rows' partial aggregates, one per block (whole blocks: fewer, fuller partials), added up on
+    the driver as they stream in."""
+    agg = Aggregate(grid)
+    parts = scored.map_batches(_partial, batch_format="numpy", batch_size=None, fn_args=(slices, grid))
+    for t in parts.iter_batches(batch_format="pyarrow", batch_size=None):
+        agg.add(t)
+    return agg
+
+
+def _group_row(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return group_row(b["y"], np.clip(b["p"], 0, 1), b["g"])
+
+
+def group_sums(scored: ray.data.Dataset) -> dict[str, float]:
+    """GROUP_SUMS over every group (a Ray Data groupby brings each group's rows together): one row per group
+    reaches the driver."""
+    sums = dict.fromkeys(GROUP_SUMS, 0.0)
+    # as many partitions as blocks: the default (200) costs seconds of tasks on small splits
+    rows = scored.groupby("g", num_partitions=scored.num_blocks()).map_groups(_group_row, batch_format="numpy")
+    for b in rows.iter_batches(batch_format="numpy", batch_size=None):
+        for k in GROUP_SUMS:
+            sums[k] += float(b[k].sum())
+    return sums
 
 
 def _slice_label(pp: Preprocessor, name: str, code: int) -> str:
     return str(pp.vocab[name][code - FIRST].as_py()) if code >= FIRST else UNSEEN
 
 
-def slice_aucs(pred: dict[str, np.ndarray], pp: Preprocessor, names: list[str], top: int = 8) -> dict[str, list[dict]]:
-    out = {}
-    for name in names:
-        codes = pred[f"slice:{name}"]
-        uniq, counts = np.unique(codes, return_counts=True)
-        rows = []
-        for i in np.argsort(-counts, kind="stable")[:top]:
-            m = codes == uniq[i]
-            y, p = pred["y"][m], pred["p"][m]
-            rows.append({"value": _slice_label(pp, name, int(uniq[i])), "rows": int(m.sum()),
-                         "label_rate": float(y.mean()),
-                         "auc": float(roc_auc(y, p)) if 0 < y.sum() < len(y) else float("nan")})
-        out[name] = rows
-    return out
+def slice_aucs(agg: Aggregate, pp: Preprocessor, names: list[str]) -> dict[str, list[dict]]:
+    return {name: [{"value": _slice_label(pp, name, r.pop("code")), **r} for r in agg.slices(name)] for name in names}
 
 
 def evaluate_encoded(cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: dict, encoded_dir: str,
@@ -125,16 +144,16 @@ def evaluate_raw(cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: di
 def _evaluate(ds: ray.data.Dataset, raw: bool, cfg: Config, pp: Preprocessor, model: torch.nn.Module, arch: dict,
               split: str, history: list[dict] | None, meta: dict | None) -> dict[str, Any]:
     names = slice_features(pp)
-    pred = score_dataset(ds, pp, model, arch, split, raw=raw, slices=names, batch_size=cfg.data.batch_size)
-    if np.isnan(pred["y"]).any():
+    scored = score_dataset(ds, pp, model, arch, split, raw=raw, slices=names, batch_size=cfg.data.batch_size)
+    agg = aggregate(scored, names)
+    if agg.rows != scored.count():  # rows without a label are left out of the aggregates
         raise ValueError(f"label column {cfg.features.label!r} is missing from the scored rows")
-    oracle = pred["o"] if cfg.features.oracle and not np.isnan(pred["o"]).any() else None
-    metrics = compute_metrics(pred["y"], np.clip(pred["p"], 0, 1), group=pred["g"] if cfg.features.group else None,
-                              p_true=oracle)
-    slices = slice_aucs(pred, pp, names)
+    groups = group_metrics(group_sums(scored)) if cfg.features.group else None
+    metrics = agg.metrics(oracle=bool(cfg.features.oracle), groups=groups)
+    slices = slice_aucs(agg, pp, names)
     html = evaluation_report(title=f"rankray evaluation: {cfg.run.name} ({split} split)", metrics=metrics,
-                             y=pred["y"], p=pred["p"], slices=slices, history=history, meta=meta)
-    return {"metrics": metrics, "html": html, "slices": slices, "rows": len(pred["y"])}
+                             curves=agg.curves(), slices=slices, history=history, meta=meta)
+    return {"metrics": metrics, "html": html, "slices": slices, "rows": agg.rows}
 
 
 def write_evaluation(out_dir: str, ev: dict[str, Any], cfg: Config) -> None:

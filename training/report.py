@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from training.evalmetrics import calibration, roc_auc, roc_curve_points
-
 __all__ = ["fmt", "svg_line_chart", "svg_bar_chart", "svg_histogram", "evaluation_report", "results_page"]
 
 Lim = tuple[float, float]
@@ -163,15 +161,19 @@ def svg_bar_chart(labels: Sequence[str], values: Sequence[float | None], *, titl
 
 
 def svg_histogram(series: Mapping[str, Any], bins: int = 30, range: Lim = (0.0, 1.0), *,  # noqa: A002
-                  title: str, density: bool = True, xlabel: str = "score", width: int = 480, height: int = 320) -> str:
-    """Overlaid step outlines (not filled bars) so several distributions stay readable together."""
+                  title: str, density: bool = True, xlabel: str = "score", width: int = 480, height: int = 320,
+                  weights: Mapping[str, Any] | None = None) -> str:
+    """Overlaid step outlines (not filled bars) so several distributions stay readable together. `weights`:
+    rows per value (pre-binned data), by series name."""
     steps: dict[str, tuple[list[float], list[float]]] = {}
     for name, arr in series.items():
         a = np.asarray(arr, dtype=np.float64).ravel()
-        a = a[np.isfinite(a) & (a >= range[0]) & (a <= range[1])]
+        w = np.ones_like(a) if weights is None else np.asarray(weights[name], dtype=np.float64).ravel()
+        ok = np.isfinite(a) & (a >= range[0]) & (a <= range[1]) & (w > 0)
+        a, w = a[ok], w[ok]
         if a.size:  # skip empty samples: their density is 0/0
-            h, edges = np.histogram(a, bins=bins, range=range, density=density)
-            steps[f"{name} (n={a.size:,})"] = (np.repeat(edges, 2).tolist(), [0.0, *np.repeat(h, 2).tolist(), 0.0])
+            h, edges = np.histogram(a, bins=bins, range=range, weights=w, density=density)
+            steps[f"{name} (n={w.sum():,.0f})"] = (np.repeat(edges, 2).tolist(), [0.0, *np.repeat(h, 2).tolist(), 0.0])
     top = max((max(ys) for _, ys in steps.values()), default=1.0) * 1.05 or 1.0
     return svg_line_chart(steps, title=title, xlabel=xlabel, ylabel="density" if density else "count",
                           width=width, height=height, xlim=range, ylim=(0.0, top), markers=False)
@@ -211,28 +213,30 @@ def _history_charts(history: Sequence[Mapping[str, Any]]) -> list[str]:
     return [svg_line_chart(s, title=f"{b} by epoch", xlabel="epoch", ylabel=b) for b, s in groups.items()]
 
 
-def evaluation_report(*, title: str, metrics: Mapping[str, Any], y: np.ndarray, p: np.ndarray,
+def evaluation_report(*, title: str, metrics: Mapping[str, Any], curves: Mapping[str, Any],
                       slices: Mapping[str, list[dict[str, Any]]] | None = None,
                       history: list[dict[str, Any]] | None = None, meta: Mapping[str, Any] | None = None) -> str:
-    """Full HTML page: meta, scalar metrics, ROC, calibration, score histogram, slices, curves."""
-    y, p = np.asarray(y).ravel(), np.asarray(p, dtype=np.float64).ravel()
-    auc = float(metrics["auc"]) if _num(metrics.get("auc")) else roc_auc(y, p)
+    """Full HTML page: meta, scalar metrics, ROC, calibration, score histogram, slices, curves. `curves` is
+    `training.evalagg.Aggregate.curves()`: ROC points, calibration bins, scores by label as weighted values."""
+    auc = float(metrics["auc"]) if _num(metrics.get("auc")) else math.nan
     scalars = [{"metric": k, "value": v} for k, v in metrics.items() if _num(v) or isinstance(v, str)]
-    fpr, tpr = roc_curve_points(y, p, max_points=300)
+    fpr, tpr = curves["roc"]
     charts = [svg_line_chart({f"model (AUC={auc:.4f})": (fpr, tpr)}, title="ROC curve",
                              xlabel="false positive rate", ylabel="true positive rate",
                              diagonal=True, xlim=(0.0, 1.0), ylim=(0.0, 1.0), markers=False)
               if fpr else '<p class="note">ROC curve undefined: y has a single class.</p>']
-    cal = calibration(y, p, bins=10)  # 10 bins matches the ece in compute_metrics
+    cal = curves["calibration"]
     pts = [(a, b) for a, b in zip(cal["bin_mean_prediction"], cal["bin_label_rate"]) if a is not None]
     # CTR scores crowd near 0; zoom both axes to the occupied range so the bins are visible.
     lim = (0.0, min(1.0, max([0.05] + [max(a, b) for a, b in pts]) * 1.1))
     charts.append(svg_line_chart({"model": ([a for a, _ in pts], [b for _, b in pts])},
                                  title=f"Calibration (ECE={cal['ece']:.4f})", xlabel="mean prediction in bin",
                                  ylabel="label rate in bin", diagonal=True, xlim=lim, ylim=lim, markers=True))
-    hi = min(1.0, math.ceil(float(p.max(initial=0.0)) * 20 + 1e-9) / 20) or 1.0
-    charts.append(svg_histogram({"label 0": p[y == 0], "label 1": p[y == 1]}, bins=40, range=(0.0, hi),
-                                title="Score distribution by label"))
+    scores = curves["scores"]
+    top = max((float(v[w > 0].max(initial=0.0)) for v, w in scores.values()), default=0.0)
+    hi = min(1.0, math.ceil(top * 20 + 1e-9) / 20) or 1.0
+    charts.append(svg_histogram({k: v for k, (v, _) in scores.items()}, bins=40, range=(0.0, hi),
+                                weights={k: w for k, (_, w) in scores.items()}, title="Score distribution by label"))
     parts = ["<h2>Metrics</h2>", _table(scalars), "<h2>Model quality</h2>", _CHARTS.format("\n".join(charts))]
     parts += ["<h2>Slices</h2>"] if slices else []
     for feature, rows in (slices or {}).items():
