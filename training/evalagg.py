@@ -5,10 +5,10 @@ tables, in any order, into fixed-size arrays, from which come the metrics, the r
 slices. Scores are binned on a fine grid in logit space (where CTR-like scores spread out, unlike p near 0):
 AUC counts the rows of one bin as tied, which is exact for real ties (GBDT leaves) and otherwise off by at
 most `auc_error_bound`. Logloss, calibration, rows and positives are exact sums. Group metrics need each
-group's rows together: `group_row` is one group's share of gauc and ndcg, `group_metrics` sums the shares."""
+group's rows together: `group_sums_of` gives the shares of whole groups, `group_metrics` turns their sums
+into gauc and ndcg."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,18 +167,19 @@ def _bin_error_bound(pos: NDArray[np.int64], neg: NDArray[np.int64]) -> float:
     return 0.5 * float(pos.astype(np.float64) @ neg) / pairs if pairs else float("nan")
 
 
-def group_row(y: NDArray[Any], p: NDArray[Any], g: NDArray[Any]) -> dict[str, NDArray[np.float64]]:
-    """One group's share of gauc (AUC x rows, and rows, where it has both classes) and of ndcg@K (where it has
-    a positive), from `_group_metrics` on its rows."""
+def group_sums_of(y: NDArray[Any], p: NDArray[Any], g: NDArray[Any]) -> dict[str, float]:
+    """The GROUP_SUMS of whole groups' rows (every row of each group present): gauc's AUC x rows and rows over
+    the groups with both classes, ndcg@K's sum and count over the groups with a positive (`_group_metrics`)."""
     yv = _labels(np.asarray(y, np.float64))
     auc, ndcg = _group_metrics(yv, _preds(np.asarray(p, np.float64), yv.size), g, K)
-    has_auc, has_pos = not math.isnan(auc), not math.isnan(ndcg)
-    return {"auc_sum": np.array([auc * yv.size if has_auc else 0.0]),
-            "auc_rows": np.array([float(yv.size) if has_auc else 0.0]),
-            "ndcg_sum": np.array([ndcg if has_pos else 0.0]), "ndcg_groups": np.array([float(has_pos)])}
+    inv = np.unique(np.asarray(g), return_inverse=True)[1].reshape(-1)
+    rows, pos = np.bincount(inv).astype(np.float64), np.bincount(inv, weights=yv)
+    auc_rows, ndcg_groups = float(rows[(pos > 0) & (pos < rows)].sum()), float((pos > 0).sum())
+    return {"auc_sum": auc * auc_rows if auc_rows else 0.0, "auc_rows": auc_rows,
+            "ndcg_sum": ndcg * ndcg_groups if ndcg_groups else 0.0, "ndcg_groups": ndcg_groups}
 
 
 def group_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """gauc and ndcg@K from the GROUP_SUMS of every group's `group_row` (nan where no group qualifies)."""
+    """gauc and ndcg@K from the GROUP_SUMS over every group (nan where no group qualifies)."""
     return {"gauc": sums["auc_sum"] / sums["auc_rows"] if sums["auc_rows"] else float("nan"),
             f"ndcg@{K}": sums["ndcg_sum"] / sums["ndcg_groups"] if sums["ndcg_groups"] else float("nan")}

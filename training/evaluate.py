@@ -23,7 +23,7 @@ from safetensors.torch import save as save_weights
 from training import storage
 from training.config import CategoricalFeature, Config
 from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset, usable_rows
-from training.evalagg import GRID, GROUP_SUMS, Aggregate, Grid, group_metrics, group_row, partial
+from training.evalagg import GRID, GROUP_SUMS, Aggregate, Grid, group_metrics, group_sums_of, partial
 from training.features import FIRST, GROUP, LABEL, ORACLE, Preprocessor
 from training.models import model_from_arch
 from training.reader import encoded_datasets
@@ -101,19 +101,36 @@ def aggregate(scored: ray.data.Dataset, slices: list[str], grid: Grid = GRID) ->
     return agg
 
 
-def _group_row(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return group_row(b["y"], np.clip(b["p"], 0, 1), b["g"])
+@ray.remote
+def _hash_split(block: pa.Table, parts: int) -> list[pa.Table] | pa.Table:
+    """A block's (g, p, y) rows cut by group: part k gets the groups whose id is k modulo `parts`."""
+    t = block.select(["g", "p", "y"])
+    if parts == 1:
+        return t
+    k = np.remainder(t.column("g").to_numpy().view(np.uint64), np.uint64(parts))
+    return [t.filter(pa.array(k == i)) for i in range(parts)]
+
+
+@ray.remote
+def _part_sums(*tables: pa.Table) -> dict[str, float]:
+    t = pa.concat_tables(tables)
+    if not t.num_rows:
+        return dict.fromkeys(GROUP_SUMS, 0.0)
+    return group_sums_of(t.column("y").to_numpy(), np.clip(t.column("p").to_numpy(), 0, 1), t.column("g").to_numpy())
 
 
 def group_sums(scored: ray.data.Dataset) -> dict[str, float]:
-    """GROUP_SUMS over every group (a Ray Data groupby brings each group's rows together): one row per group
-    reaches the driver."""
+    """GROUP_SUMS over every group: the materialized blocks are cut by group id into as many parts as the
+    cluster has CPUs (tasks, block to part, in the object store), each part's whole groups give their sums,
+    and four numbers per part reach the driver. (A Ray Data groupby took ~10 s on a 20k-row split here.)"""
+    refs = scored.to_arrow_refs()
+    parts = max(1, min(len(refs), int(ray.cluster_resources().get("CPU", 1))))
+    cut = [_hash_split.options(num_returns=parts).remote(r, parts) for r in refs]
+    cut = [c if parts > 1 else [c] for c in cut]
     sums = dict.fromkeys(GROUP_SUMS, 0.0)
-    # as many partitions as blocks: the default (200) costs seconds of tasks on small splits
-    rows = scored.groupby("g", num_partitions=scored.num_blocks()).map_groups(_group_row, batch_format="numpy")
-    for b in rows.iter_batches(batch_format="numpy", batch_size=None):
+    for part in ray.get([_part_sums.remote(*[c[i] for c in cut]) for i in range(parts)]):
         for k in GROUP_SUMS:
-            sums[k] += float(b[k].sum())
+            sums[k] += part[k]
     return sums
 
 
