@@ -199,10 +199,12 @@ def serve_bare(bundle: str, port: int, batched: bool) -> None:
     scorer = ServedModel(bundle)
     cfg = ServeConfig()
 
-    async def one(columns: dict[str, list[Any]]) -> Any:
-        return scorer.score_parts([columns])[0]
+    async def one(part: tuple[int, dict[str, list[Any]]]) -> Any:
+        return scorer.score_parts([part[1]])[0]
 
-    score = MicroBatcher(scorer.score_parts, cfg.max_batch_size, cfg.batch_wait_timeout_s) if batched else one
+    batch = MicroBatcher(lambda parts: scorer.score_parts([c for _, c in parts]), cfg.max_batch_size,
+                         cfg.batch_wait_timeout_s)
+    score = batch if batched else one
     service = Service(scorer, cfg, score)
     app = FastAPI()
 

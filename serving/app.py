@@ -6,6 +6,7 @@ Nothing starts at import. `build_app(bundle_path, serve_cfg)` gives the Applicat
 # no `from __future__ import annotations`: FastAPI must see real types through Serve's route wrappers
 
 import copy
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -20,9 +21,9 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from training.config import ServeConfig
+from training.config import ServeConfig, ServeVariant
 from training.bundle import load_bundle
-from serving.core import ServedModel, Service
+from serving.core import ServedModel, Service, score_assigned
 from serving.schema import ErrorResponse, PredictRequest, PredictResponse, RankRequest, RankResponse, RequestError
 
 log = logging.getLogger("rankray.serving")
@@ -52,17 +53,22 @@ class Ranker:
                  loader: Callable = load_bundle) -> None:
         cfg = ServeConfig.model_validate(serve_cfg or {}) if not isinstance(serve_cfg, ServeConfig) else serve_cfg
         # raises when the bundle fails its checks or its sample scores: Serve never marks the replica healthy
-        self.served = ServedModel(bundle_path, loader, ray_metrics=True, drift_window=cfg.drift_window)
-        self.service = Service(self.served, cfg, self._score_batch)
+        variants = cfg.models or [ServeVariant(bundle=bundle_path, share=1.0)]
+        load = functools.partial(ServedModel, loader=loader, ray_metrics=True, drift_window=cfg.drift_window)
+        self.models = [load(v.bundle) for v in variants]
+        self.shadow = load(cfg.shadow) if cfg.shadow else None
+        self.served = self.models[0]
+        self.service = Service(self.models, cfg, self._score_batch, shares=[v.share for v in variants],
+                               shadow=self.shadow)
         self._score_batch.set_max_batch_size(cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _score_batch(self, parts: list[dict[str, list[Any]]]) -> list[np.ndarray | RequestError]:
+    async def _score_batch(self, parts: list[tuple[int, dict[str, list[Any]]]]) -> list[np.ndarray | RequestError]:
         # kept off the routes: @serve.batch on a FastAPI route makes FastAPI expect a `requests` query field.
         # Scored inline on the replica's loop: a worker thread let requests trickle in one by one and
         # measured ~1.5 requests per batch instead of ~6 at 16 clients, at twice the CPU per request.
-        return self.served.score_parts(parts)
+        return score_assigned(self.models, parts, self.shadow)
 
     @api.post("/rank", summary="Rank candidates for one context", openapi_extra=_body_doc(RankRequest),
               responses={200: {"model": RankResponse}, **_ERRORS})
@@ -113,6 +119,10 @@ class Ranker:
         return None
 
 
+def _local(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)  # replicas do not share the caller's working dir
+
+
 def build_app(bundle_path: str, serve_cfg: ServeConfig | None = None, loader: Callable = load_bundle,
               num_cpus: float = 1.0) -> Application:
     """The Ranker application with replicas, concurrency and queue limits taken from `serve_cfg`."""
@@ -120,8 +130,9 @@ def build_app(bundle_path: str, serve_cfg: ServeConfig | None = None, loader: Ca
     if cfg.max_ongoing_requests < cfg.max_batch_size:
         log.warning("serve.max_ongoing_requests (%d) < serve.max_batch_size (%d): batches never fill",
                     cfg.max_ongoing_requests, cfg.max_batch_size)
-    if "://" not in bundle_path:
-        bundle_path = os.path.abspath(bundle_path)  # replicas do not share the caller's working directory
+    bundle_path = _local(bundle_path)
+    cfg = cfg.model_copy(update={"models": [ServeVariant(bundle=_local(v.bundle), share=v.share) for v in cfg.models],
+                                 "shadow": _local(cfg.shadow) if cfg.shadow else None})
     scale = {"autoscaling_config": cfg.autoscaling.model_dump()} if cfg.autoscaling else {"num_replicas": cfg.num_replicas}
     return Ranker.options(
         **scale,

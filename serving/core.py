@@ -27,9 +27,12 @@ from serving.metrics import Metrics
 from serving.schema import RequestError, Schema, parse_json
 
 log = logging.getLogger("rankray.serving")
+# one JSON line per request a shadow model scored: under Serve's logger, so it lands in the replica's log
+# (logs/serve/replica_*.log) at INFO
+shadow_log = logging.getLogger("ray.serve.rankray.shadow")
 
 Loader = Callable[[str], tuple[Preprocessor, torch.nn.Module, dict[str, Any]]]
-ScoreFn = Callable[[dict[str, list[Any]]], Awaitable[np.ndarray]]
+ScoreFn = Callable[[tuple[int, dict[str, list[Any]]]], Awaitable[np.ndarray]]
 SELF_CHECK_ATOL = 1e-5
 
 
@@ -48,7 +51,7 @@ class ServedModel:
         self.self_check_diff = verify_samples(self.pp, self.model, self.meta, atol=SELF_CHECK_ATOL)
         self.version = str(self.meta.get("version"))
         self._oov_slots = {f.name: self.pp.slots(f) for f in self.pp.cat_features}
-        self.metrics = Metrics(list(self._oov_slots), ray=ray_metrics)
+        self.metrics = Metrics(list(self._oov_slots), ray=ray_metrics, version=self.version)
         ref = self.meta.get("drift")  # a bundle from before drift.json has none
         self.drift = DriftMonitor(self.pp, ref, drift_window) if ref else None
 
@@ -104,15 +107,50 @@ def _finite(x: Any) -> Any:
     return x
 
 
-class Service:
-    """HTTP handlers over a ServedModel; `score_fn` is where Serve plugs in its batching."""
+def score_assigned(models: list[ServedModel], parts: list[tuple[int, dict[str, list[Any]]]],
+                   shadow: ServedModel | None = None) -> list[np.ndarray | RequestError]:
+    """Requests (model index, columns) scored together per model, in their order; a shadow model then scores
+    every request too, and its scores are logged (and counted), never returned."""
+    out: list[Any] = [None] * len(parts)
+    for i in dict.fromkeys(k for k, _ in parts):
+        idx = [j for j, (k, _) in enumerate(parts) if k == i]
+        for j, r in zip(idx, models[i].score_parts([parts[j][1] for j in idx])):
+            out[j] = r
+    if shadow is not None:
+        for (i, _), mine, theirs in zip(parts, shadow.score_parts([c for _, c in parts]), out):
+            if isinstance(mine, Exception):  # a request the shadow cannot score is its problem alone
+                continue
+            answered = None if isinstance(theirs, Exception) else np.round(theirs, 6).tolist()
+            shadow_log.info(json.dumps({"shadow": shadow.version, "answered_by": models[i].version,
+                                        "scores": np.round(mine, 6).tolist(), "answered": answered}))
+    return out
 
-    def __init__(self, served: ServedModel, cfg: ServeConfig, score_fn: ScoreFn, guard: ApiKeyGuard | None = None) -> None:
-        self.served = served
+
+class Service:
+    """HTTP handlers over one ServedModel, or several answering their shares of the requests (A/B: smooth
+    weighted round robin, so the split is exact, not random); `score_fn` gets (model index, columns) and is
+    where Serve plugs in its batching."""
+
+    def __init__(self, served: ServedModel | list[ServedModel], cfg: ServeConfig, score_fn: ScoreFn,
+                 guard: ApiKeyGuard | None = None, shares: list[float] | None = None,
+                 shadow: ServedModel | None = None) -> None:
+        self.models = served if isinstance(served, list) else [served]
+        self.served = self.models[0]
+        self.shares = np.asarray(shares or [1.0] * len(self.models), np.float64)
+        self.shares /= self.shares.sum()
+        self._credit = np.zeros(len(self.models))
+        self.shadow = shadow
         self.cfg = cfg
         self.score_fn = score_fn
         self.guard = guard if guard is not None else ApiKeyGuard.from_env(cfg.api_key_env)
-        self.schema = Schema(served.pp, cfg.max_candidates)
+        self.schemas = [Schema(m.pp, cfg.max_candidates) for m in self.models]
+        self.schema = self.schemas[0]
+
+    def _pick(self) -> int:
+        self._credit += self.shares
+        i = int(np.argmax(self._credit))
+        self._credit[i] -= 1.0
+        return i
 
     async def _body(self, request: Request) -> Any:
         limit = self.cfg.max_body_bytes
@@ -128,11 +166,12 @@ class Service:
         return parse_json(b"".join(chunks))
 
     async def _handle(self, endpoint: str, request: Request,
-                      work: Callable[[Any], Awaitable[dict[str, Any]]], needs_body: bool = True) -> Response:
+                      work: Callable[[Any, int], Awaitable[dict[str, Any]]], needs_body: bool = True) -> Response:
         t0 = time.perf_counter()
+        i = self._pick() if needs_body else 0  # the model that answers this request
         try:
             self.guard.check(request.headers.get("authorization"))
-            out = await work(await self._body(request) if needs_body else None)
+            out = await work(await self._body(request) if needs_body else None, i)
             resp: Response = Response(json.dumps(out).encode(), media_type="application/json")
         except RequestError as e:
             headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
@@ -140,22 +179,22 @@ class Service:
         except Exception:  # noqa: BLE001 - a bug, not bad input: log it, answer 500, keep the replica up
             log.exception("%s failed", endpoint)
             resp = JSONResponse({"detail": "internal error"}, status_code=500)
-        self.served.metrics.request(endpoint, resp.status_code, (time.perf_counter() - t0) * 1000)
+        self.models[i].metrics.request(endpoint, resp.status_code, (time.perf_counter() - t0) * 1000)
         return resp
 
-    async def _scores(self, columns: dict[str, list[Any]], key: str) -> np.ndarray:
-        out = await self.score_fn(columns)
+    async def _scores(self, columns: dict[str, list[Any]], key: str, i: int) -> np.ndarray:
+        out = await self.score_fn((i, columns))
         if isinstance(out, Exception):
             raise out
         if not np.isfinite(out).all():  # never answer NaN (not JSON, and it would break the ranking)
-            raise self._unscorable(columns, out, key)
+            raise self._unscorable(columns, out, key, self.models[i].pp)
         return out
 
-    def _unscorable(self, columns: dict[str, list[Any]], scores: np.ndarray, key: str) -> RequestError:
+    def _unscorable(self, columns: dict[str, list[Any]], scores: np.ndarray, key: str,
+                    pp: Preprocessor) -> RequestError:
         """A 422 naming the first item without a finite score and its numeric field farthest from training's
         range: finite but huge numbers (e.g. position=1e15) overflow float32 inside the model."""
         i = int(np.flatnonzero(~np.isfinite(scores))[0])
-        pp = self.served.pp
         dist: dict[str, float] = {}
         for f in pp.num_features:
             v = columns[f.column][i]
@@ -168,24 +207,29 @@ class Service:
                                      "range: the model gives no finite score")
         return RequestError(422, f"{where}: the model gives no finite score for this item")
 
-    async def _rank(self, body: Any) -> dict[str, Any]:
-        columns, ids, top_k, absent = self.schema.rank_request(body)
-        scores = await self._scores(columns, "candidates")
+    async def _rank(self, body: Any, i: int) -> dict[str, Any]:
+        columns, ids, top_k, absent = self.schemas[i].rank_request(body)
+        scores = await self._scores(columns, "candidates", i)
         order = np.argsort(-scores, kind="stable")[:top_k]
-        return {"model_version": self.served.version,
+        return {"model_version": self.models[i].version,
                 "results": [{"index": i, "id": ids[i], "score": s} for i, s in zip(order.tolist(), scores[order].tolist())],
                 **({"absent": absent} if absent else {})}
 
-    async def _predict(self, body: Any) -> dict[str, Any]:
-        scores = await self._scores(self.schema.predict_request(body), "rows")
-        return {"model_version": self.served.version, "scores": scores.tolist()}
+    async def _predict(self, body: Any, i: int) -> dict[str, Any]:
+        scores = await self._scores(self.schemas[i].predict_request(body), "rows", i)
+        return {"model_version": self.models[i].version, "scores": scores.tolist()}
 
-    async def _model(self, _: Any) -> dict[str, Any]:
+    async def _model(self, _: Any, __: int) -> dict[str, Any]:
         return {**self.served.info(), "request_fields": self.schema.fields,
                 "limits": {k: getattr(self.cfg, k) for k in ("max_candidates", "max_body_bytes", "max_batch_size",
                                                              "batch_wait_timeout_s", "max_ongoing_requests",
                                                              "max_queued_requests")},
-                "auth": self.guard.enabled, "counters": self.served.metrics.snapshot()}
+                "auth": self.guard.enabled, "counters": self.served.metrics.snapshot(),
+                # A/B: every model with its share and counters; the shadow's counters (its scores are in the log)
+                "models": [{"version": m.version, "share": float(s), "counters": m.metrics.snapshot()}
+                           for m, s in zip(self.models, self.shares)],
+                "shadow": None if self.shadow is None else {"version": self.shadow.version,
+                                                            "counters": self.shadow.metrics.snapshot()}}
 
     async def rank(self, request: Request) -> Response:
         return await self._handle("rank", request, self._rank)

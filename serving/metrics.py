@@ -17,7 +17,7 @@ class Metrics:
     """Request, batch, out-of-vocabulary and score counters. `ray=True` also records them as
     `ray.serve.metrics` (tagged with deployment, replica and application by Serve)."""
 
-    def __init__(self, features: list[str], ray: bool = False) -> None:
+    def __init__(self, features: list[str], ray: bool = False, version: str = "") -> None:
         self._lock = threading.Lock()  # the batch may be scored off the event loop's thread
         self.started = time.time()
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
@@ -26,6 +26,7 @@ class Metrics:
         self.score_sum = 0.0
         self.oov: dict[str, int] = dict.fromkeys(features, 0)
         self._ray: dict[str, Any] | None = self._ray_metrics() if ray else None
+        self._v = {"version": version}  # several models in one replica (A/B, shadow): their series apart
 
     @staticmethod
     def _ray_metrics() -> dict[str, Any]:
@@ -33,21 +34,22 @@ class Metrics:
 
         return {
             "requests": Counter("rankray_requests_total", "HTTP requests by endpoint and status code",
-                                tag_keys=("endpoint", "code")),
+                                tag_keys=("endpoint", "code", "version")),
             "latency": Histogram("rankray_request_latency_ms", "request latency in the replica (ms)",
-                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("endpoint",)),
+                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("endpoint", "version")),
             "batch": Histogram("rankray_batch_requests", "requests scored together in one batch",
-                               boundaries=BATCH_BOUNDARIES),
-            "rows": Counter("rankray_rows_scored_total", "rows (candidates) scored"),
+                               boundaries=BATCH_BOUNDARIES, tag_keys=("version",)),
+            "rows": Counter("rankray_rows_scored_total", "rows (candidates) scored", tag_keys=("version",)),
             "oov": Counter("rankray_oov_total", "out-of-vocabulary (unseen or null) values by feature",
-                           tag_keys=("feature",)),
-            "mean_score": Gauge("rankray_mean_score", "mean score of all rows scored by this replica"),
+                           tag_keys=("feature", "version")),
+            "mean_score": Gauge("rankray_mean_score", "mean score of all rows scored by this replica",
+                                tag_keys=("version",)),
             "psi": Gauge("rankray_feature_psi", "population stability index of served values against training "
-                         "(alert above 0.2), by feature", tag_keys=("feature",)),
+                         "(alert above 0.2), by feature", tag_keys=("feature", "version")),
             "oov_rate": Gauge("rankray_feature_oov_rate", "share of served values out of vocabulary, by feature",
-                              tag_keys=("feature",)),
+                              tag_keys=("feature", "version")),
             "score_psi": Gauge("rankray_score_psi", "population stability index of the served scores against "
-                               "training's"),
+                               "training's", tag_keys=("version",)),
         }
 
     def request(self, endpoint: str, code: int, ms: float) -> None:
@@ -55,8 +57,8 @@ class Metrics:
             self.requests[endpoint, code] += 1
             self.latency[endpoint].append(ms)
         if self._ray:
-            self._ray["requests"].inc(tags={"endpoint": endpoint, "code": str(code)})
-            self._ray["latency"].observe(ms, tags={"endpoint": endpoint})
+            self._ray["requests"].inc(tags={"endpoint": endpoint, "code": str(code), **self._v})
+            self._ray["latency"].observe(ms, tags={"endpoint": endpoint, **self._v})
 
     def batch(self, requests: int, scores: np.ndarray, oov: dict[str, int]) -> None:
         with self._lock:
@@ -68,12 +70,12 @@ class Metrics:
                 self.oov[f] += n
             mean = self.score_sum / max(self.rows, 1)
         if self._ray:
-            self._ray["batch"].observe(requests)
-            self._ray["rows"].inc(len(scores))
+            self._ray["batch"].observe(requests, tags=self._v)
+            self._ray["rows"].inc(len(scores), tags=self._v)
             for f, n in oov.items():
                 if n:
-                    self._ray["oov"].inc(n, tags={"feature": f})
-            self._ray["mean_score"].set(mean)
+                    self._ray["oov"].inc(n, tags={"feature": f, **self._v})
+            self._ray["mean_score"].set(mean, tags=self._v)
 
     def drift(self, monitor: Any) -> None:
         """The drift figures to Ray's metrics after each batch (a few numbers per feature)."""
@@ -81,10 +83,10 @@ class Metrics:
             return
         rep = monitor.report()
         for f, r in rep["features"].items():
-            self._ray["psi"].set(r["psi"], tags={"feature": f})
+            self._ray["psi"].set(r["psi"], tags={"feature": f, **self._v})
             if "oov_rate" in r:
-                self._ray["oov_rate"].set(r["oov_rate"], tags={"feature": f})
-        self._ray["score_psi"].set(rep["score_psi"])
+                self._ray["oov_rate"].set(r["oov_rate"], tags={"feature": f, **self._v})
+        self._ray["score_psi"].set(rep["score_psi"], tags=self._v)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -256,11 +256,20 @@ class ServeAutoscaling(_Strict):
         return self
 
 
+class ServeVariant(_Strict):
+    bundle: str  # a model bundle (local or s3://)
+    share: float = Field(gt=0, le=1)  # of the requests it answers
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: ServeAutoscaling | None = None  # set: replicas follow the load instead of num_replicas
+    # A/B: several bundles served at once, each answering its share of the requests (shares add up to 1; the
+    # response's model_version names the one that answered); empty: the one bundle given
+    models: list[ServeVariant] = Field(default_factory=list)
+    shadow: str | None = None  # a bundle that also scores every request: its scores are logged, never returned
     # rows the drift figures (PSI per feature and of the score, against the bundle's training sample) follow:
     # older rows fade out (training.drift)
     drift_window: int = Field(default=10_000, ge=100)
@@ -285,6 +294,8 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _direct_is_one_replica(self) -> ServeConfig:
+        if self.models and abs(sum(m.share for m in self.models) - 1) > 1e-6:
+            raise ValueError(f"serve.models: the shares add up to {sum(m.share for m in self.models):g}, not 1")
         if self.ingress == "direct" and self.autoscaling is not None and self.autoscaling.max_replicas > 1:
             raise ValueError("serve.autoscaling: serve.ingress 'direct' runs one replica on serve.port; use "
                              "serve.ingress 'proxy' to autoscale")
