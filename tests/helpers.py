@@ -188,3 +188,14 @@ def run_schemathesis(url: str, examples: int = 100) -> int:
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and "No issues found" in out.stdout, out.stdout[-8000:] + out.stderr[-2000:]
     return int(re.search(r"(\d+) generated", out.stdout).group(1))
+
+
+def job_submit(cmd: list[str], env: dict, cwd: Path | str) -> subprocess.CompletedProcess:
+    """`ray job submit ...`, submitted again while the head's job agent is not up yet (right after `ray start`
+    the jobs API can answer before it is)."""
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=cwd)
+        if "No available agent to submit job" not in out.stderr or time.time() > deadline:
+            return out
+        time.sleep(3)

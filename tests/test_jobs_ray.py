@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving.client import predict
-from tests.helpers import free_port, ray_head
+from tests.helpers import free_port, job_submit, ray_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +39,7 @@ def _submit(head, run_dir: str, serve_port: int, data_dir: str, *extra: str) -> 
            "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "token"}}), "--",
            "rankray", "pipeline", "--config", "configs/demo.yaml", "--no-wait"]
     cmd += [x for s in sets for x in ("--set", s)]
-    deadline = time.time() + 120
-    while True:
-        out = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=900, cwd=ROOT)
-        # right after `ray start` the jobs API can answer before its job agent is up: submit again
-        if "No available agent to submit job" not in out.stderr or time.time() > deadline:
-            return out
-        time.sleep(3)
+    return job_submit(cmd, head["env"], ROOT)
 
 
 def _s3_text(key: str) -> str:
