@@ -137,3 +137,18 @@ def test_logit_bins_keep_order_and_ties() -> None:
     b = ea.logit_bin(p, ea.GRID.bins)
     assert np.all(np.diff(b) >= 0) and b[0] == 0 and b[-1] == ea.GRID.bins - 1 and b[3] == b[4] < b[5]
     assert np.max(np.abs(ea.bin_scores(ea.GRID.bins)[b[2:-1]] - p[2:-1])) < 1e-5
+
+
+def test_merged_partials_give_the_same_metrics_in_one_row_per_cell() -> None:
+    """What the cluster sends the driver: partials summed by (kind, key, bin), no bigger than the cells."""
+    y, p, _, p_true, s = _data(5)
+    parts = [ea.partial(y[i], p[i], p_true[i], {"s": s[i]}) for i in np.array_split(np.arange(y.size), 4)]
+    merged = ea.merge(parts)
+    cells = merged.select(["kind", "key", "bin"]).to_pylist()
+    assert len(cells) == len({tuple(c.values()) for c in cells}) < sum(t.num_rows for t in parts)
+    one, many = ea.Aggregate(), ea.Aggregate()
+    one.add(merged)
+    for t in parts:
+        many.add(t)
+    # equal up to the order of float additions (Arrow's grouped sums run in threads)
+    assert one.metrics(oracle=True) == pytest.approx(many.metrics(oracle=True), rel=1e-12) and one.rows == y.size

@@ -86,6 +86,15 @@ def partial(y: NDArray[Any], p: NDArray[Any], o: NDArray[Any] | None = None,
     return pa.table({c: np.concatenate([part[c] for part in parts]) for c in COLUMNS})
 
 
+def merge(tables: list[pa.Table]) -> pa.Table:
+    """Partial aggregates summed into one, a row per (kind, key, bin): as big as the cells they hold, however
+    many rows they counted."""
+    t = pa.concat_tables(tables)
+    sums = [c for c in COLUMNS if c not in ("kind", "key", "bin")]
+    out = t.group_by(["kind", "key", "bin"]).aggregate([(c, "sum") for c in sums])
+    return out.rename_columns([c.removesuffix("_sum") if c[:-4] in sums else c for c in out.column_names]).select(COLUMNS)
+
+
 class Aggregate:
     """Partial aggregates summed in fixed-size arrays: memory depends on the grid, not on the rows."""
 

@@ -23,7 +23,7 @@ from safetensors.torch import save as save_weights
 from training import storage
 from training.config import CategoricalFeature, Config
 from training.data import SPLIT, SPLIT_NAMES, s3_options, split_dataset, usable_rows
-from training.evalagg import GRID, GROUP_SUMS, Aggregate, Grid, group_metrics, group_sums_of, partial
+from training.evalagg import GRID, GROUP_SUMS, Aggregate, Grid, group_metrics, group_sums_of, merge, partial
 from training.features import FIRST, GROUP, LABEL, ORACLE, Preprocessor
 from training.models import model_from_arch
 from training.reader import encoded_datasets
@@ -91,12 +91,18 @@ def _partial(b: dict[str, np.ndarray], slices: list[str], grid: Grid) -> pa.Tabl
     return partial(b["y"], np.clip(b["p"], 0, 1), b["o"], {n: b[f"slice:{n}"] for n in slices}, grid)
 
 
+@ray.remote
+def _merge(*tables: pa.Table) -> pa.Table:
+    return merge(list(tables))
+
+
 def aggregate(scored: ray.data.Dataset, slices: list[str], grid: Grid = GRID) -> Aggregate:
-    """The scored rows' partial aggregates, one per block (whole blocks: fewer, fuller partials), added up on
-    the driver as they stream in."""
+    """The scored rows' partial aggregates, one per block (whole blocks: fewer, fuller partials), summed in the
+    cluster into one per CPU (tasks), so what reaches the driver is bounded by the grid, not by the rows."""
     agg = Aggregate(grid)
-    parts = scored.map_batches(_partial, batch_format="numpy", batch_size=None, fn_args=(slices, grid))
-    for t in parts.iter_batches(batch_format="pyarrow", batch_size=None):
+    refs = scored.map_batches(_partial, batch_format="numpy", batch_size=None, fn_args=(slices, grid)).to_arrow_refs()
+    groups = max(1, min(len(refs), int(ray.cluster_resources().get("CPU", 1))))
+    for t in ray.get([_merge.remote(*refs[i::groups]) for i in range(groups)]):
         agg.add(t)
     return agg
 
