@@ -28,9 +28,14 @@ def _edges(x: np.ndarray) -> list[float]:
     return np.unique(np.quantile(x, DECILES)).tolist() if len(x) else []
 
 
-def _cat_ids(pp: Preprocessor, f: Any, x_cat: np.ndarray) -> np.ndarray:
-    """The ids of one categorical or multi-hot feature in packed rows (every slot, padding left out)."""
-    cols = [pp.cat_columns.index(c) for c in pp.slots(f)]
+def _slot_cols(pp: Preprocessor) -> dict[str, list[int]]:
+    """Each categorical or multi-hot feature's columns in packed rows."""
+    where = {c: k for k, c in enumerate(pp.cat_columns)}
+    return {f.name: [where[c] for c in pp.slots(f)] for f in pp.cat_features}
+
+
+def _cat_ids(cols: list[int], x_cat: np.ndarray) -> np.ndarray:
+    """The ids of one feature's columns in packed rows (every slot, padding left out)."""
     ids = x_cat[:, cols].ravel()
     return ids[ids != PAD]
 
@@ -43,11 +48,11 @@ def reference(pp: Preprocessor, x_cat: np.ndarray, x_num: np.ndarray, scores: np
         edges = _edges(z)
         feats[f.name] = {"kind": "numeric", "edges": edges, "p": _shares(np.searchsorted(edges, z, "right"),
                                                                          len(edges) + 1)}
-    for f in pp.cat_features:
-        ids = _cat_ids(pp, f, x_cat)
+    for name, cols in _slot_cols(pp).items():
+        ids = _cat_ids(cols, x_cat)
         known, counts = np.unique(ids[ids != OOV], return_counts=True)
         top = known[np.argsort(-counts, kind="stable")[:TOP_IDS]].tolist()
-        feats[f.name] = {"kind": "categorical", "ids": top, "p": _shares(_cat_bins(ids, top), len(top) + 2)}
+        feats[name] = {"kind": "categorical", "ids": top, "p": _shares(_cat_bins(ids, top), len(top) + 2)}
     edges = _edges(scores)
     return {"rows": int(len(scores)), "features": feats,
             "score": {"edges": edges, "p": _shares(np.searchsorted(edges, scores, "right"), len(edges) + 1)}}
@@ -83,6 +88,7 @@ class DriftMonitor:
 
     def __init__(self, pp: Preprocessor, ref: dict[str, Any], window: int) -> None:
         self.pp, self.ref, self.window = pp, ref, window
+        self.cols = _slot_cols(pp)  # per batch in the serving path: looked up once here
         self.counts = {name: np.zeros(len(r["p"])) for name, r in ref["features"].items()}
         self.score_counts = np.zeros(len(ref["score"]["p"]))
         self.rows = 0
@@ -93,10 +99,10 @@ class DriftMonitor:
             r = self.ref["features"].get(f.name)
             if r is not None:
                 self._add(f.name, np.searchsorted(r["edges"], x_num[:, i], "right"), keep)
-        for f in self.pp.cat_features:
-            r = self.ref["features"].get(f.name)
+        for name, cols in self.cols.items():
+            r = self.ref["features"].get(name)
             if r is not None:
-                self._add(f.name, _cat_bins(_cat_ids(self.pp, f, x_cat), r["ids"]), keep)
+                self._add(name, _cat_bins(_cat_ids(cols, x_cat), r["ids"]), keep)
         bins = np.searchsorted(self.ref["score"]["edges"], scores, "right")
         self.score_counts = self.score_counts * keep + np.bincount(bins, minlength=len(self.score_counts))
         self.rows += len(scores)
