@@ -1,7 +1,7 @@
 """Score a split with a model (Ray Data batch inference through `training.scoring`), compute its metrics
 and write a self-contained HTML report, without gathering the split's rows on the driver: the scored rows
-stay in the object store, and what comes back is each block's partial aggregate (`training.evalagg`, merged
-in a streaming loop) and one row per group (gauc, ndcg@10 from a Ray Data groupby).
+stay in the object store, and what comes back is the blocks' partial aggregates (`training.evalagg`) summed
+in the cluster into one per CPU, and four sums per part of whole groups (gauc, ndcg@10).
 
 Training scores its test split once, from the encoded split (`evaluate_encoded`); `rankray evaluate
 --data` scores raw rows through the bundle's own transform (`evaluate_raw`). Both run `score_batch`."""
